@@ -1,0 +1,580 @@
+"""Residual networks with stochastic depth (Huang et al., ECCV 2016).
+
+During training, residual block ``l`` survives a mini-batch with probability ``p_l``.
+A dropped block is replaced by its shortcut: its residual branch is not computed at
+all (no forward, no backward, no BatchNorm update), which is where the paper's
+training-time saving comes from. At test time every block runs and its residual is
+scaled by ``p_l``.
+
+Public API
+----------
+``ResNet``, ``StochasticResNet``
+    The plain and the stochastic network, built from the same blocks: same weights
+    for the same seed, same ``state_dict`` keys (also the same as torchvision's
+    ResNets). Named constructors: ``ResNet.imagenet(depth)`` (18, 34, 50, 101, 152)
+    and ``ResNet.cifar(depth)`` (20, 32, 44, 56, 110, 1202), likewise on
+    ``StochasticResNet``.
+``StochasticDepth``
+    The gate that wraps one residual block's branch.
+``survival_probabilities``
+    The paper's linear-decay rule, the uniform rule or an explicit sequence.
+``add_stochastic_depth``
+    Turns a torchvision ResNet (or a ``ResNet`` from here) into a stochastic one,
+    keeping its weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal, Self
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "StochasticDepth",
+    "StochasticResNet",
+    "add_stochastic_depth",
+    "stochastic_depth_gates",
+    "survival_probabilities",
+]
+
+SurvivalRule = Literal["linear", "uniform"] | Sequence[float]
+DropMode = Literal["batch", "row"]
+
+
+# ----------------------------------------------------------------------------------
+# Survival probabilities
+# ----------------------------------------------------------------------------------
+
+
+def _check_probability(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return value
+
+
+def survival_probabilities(
+    num_blocks: int, rule: SurvivalRule = "linear", p_last: float = 0.5
+) -> list[float]:
+    """Survival probability of each residual block.
+
+    Parameters
+    ----------
+    num_blocks : int
+        Number of residual blocks ``L``.
+    rule : {"linear", "uniform"} or sequence of float
+        ``"linear"``: the paper's linear decay ``p_l = 1 - (l / L) (1 - p_L)`` for
+        ``l = 1..L``, so the first block almost always survives and the last one
+        survives with ``p_L``. ``"uniform"``: ``p_l = p_L`` for every block. A sequence:
+        the probabilities themselves, one per block.
+    p_last : float
+        ``p_L``, the survival probability of the last block (the paper uses 0.5).
+        Ignored when ``rule`` is a sequence.
+
+    Returns
+    -------
+    list of float
+        ``L`` probabilities in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        For a probability outside [0, 1], a sequence of the wrong length or an
+        unknown rule; the message names the bad value.
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+    if isinstance(rule, str):
+        p_last = _check_probability(p_last, "p_last")
+        if rule == "linear":
+            return [1.0 - (l / num_blocks) * (1.0 - p_last) for l in range(1, num_blocks + 1)]
+        if rule == "uniform":
+            return [p_last] * num_blocks
+        raise ValueError(
+            f"unknown survival rule {rule!r}: expected 'linear', 'uniform' "
+            "or a sequence of probabilities"
+        )
+    probs = [float(p) for p in rule]
+    if len(probs) != num_blocks:
+        raise ValueError(
+            f"expected {num_blocks} survival probabilities (one per residual block), "
+            f"got {len(probs)}"
+        )
+    return [_check_probability(p, f"survival probability of block {i}") for i, p in enumerate(probs)]
+
+
+# ----------------------------------------------------------------------------------
+# The gate
+# ----------------------------------------------------------------------------------
+
+
+class StochasticDepth(nn.Module):
+    """Randomly bypasses one residual branch: ``shortcut + gate(branch(x))``.
+
+    Training, ``mode="batch"`` (the paper): one Bernoulli(``survival_prob``) draw per
+    forward pass decides for the whole mini-batch. A dropped branch is not called,
+    so it costs nothing and its parameters get no gradient.
+    Training, ``mode="row"`` (torchvision's name; timm's ``DropPath``): each sample
+    decides on its own, and the branch runs only on the samples that keep it.
+    Evaluation: the branch always runs, scaled by ``survival_prob`` (the paper's test
+    rule), or unscaled when ``inverted=True``, in which case a surviving branch is
+    scaled by ``1 / survival_prob`` while training instead. Both conventions give
+    the same expected output.
+
+    The gate has no parameters or buffers, so it leaves ``state_dict`` unchanged.
+
+    Parameters
+    ----------
+    survival_prob : float
+        Probability in [0, 1] that the branch is computed in a training pass.
+    mode : {"batch", "row"}
+        One draw per mini-batch or one per sample.
+    inverted : bool
+        Use the inverted scaling (``1 / p`` while training, none at test).
+    generator : torch.Generator, optional
+        CPU generator for the draws; shared by all gates of a model so that one
+        seed fixes the whole drop sequence. Drawing on the CPU also means the
+        decision never waits for the GPU.
+    """
+
+    def __init__(
+        self,
+        survival_prob: float,
+        mode: DropMode = "batch",
+        inverted: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("batch", "row"):
+            raise ValueError(f"unknown mode {mode!r}: expected 'batch' or 'row'")
+        self.survival_prob = _check_probability(survival_prob, "survival_prob")
+        self.mode = mode
+        self.inverted = bool(inverted)
+        self.generator = generator
+        # What the last forward pass computed: a bool scalar ("batch") or one bool per
+        # sample ("row"). All True in evaluation, except for a block with p = 0.
+        self.last_active: Tensor | None = None
+
+    def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+        p = self.survival_prob
+        if not self.training:
+            self.last_active = torch.tensor(p > 0.0)
+            if p == 0.0:  # never trained with this branch: leave it out at test time too
+                return shortcut
+            residual = branch(x)
+            return shortcut + (residual if self.inverted or p == 1.0 else residual * p)
+
+        if self.mode == "batch":
+            keep = torch.rand((), generator=self.generator) < p
+            self.last_active = keep
+            if not keep:
+                return shortcut
+            return shortcut + self._train_scale(branch(x))
+
+        keep = torch.rand(x.shape[0], generator=self.generator) < p
+        self.last_active = keep
+        kept = keep.nonzero().squeeze(1)
+        if len(kept) == 0:
+            return shortcut
+        if len(kept) == len(keep):
+            return shortcut + self._train_scale(branch(x))
+        kept = kept.to(x.device, non_blocking=True)
+        if len(kept) > 1:
+            residual = branch(x.index_select(0, kept))
+        else:
+            # BatchNorm cannot normalise one sample on 1x1 feature maps: for this rare
+            # case the branch runs on the whole batch and we keep the one row.
+            residual = branch(x).index_select(0, kept)
+        return shortcut.index_add(0, kept, self._train_scale(residual).to(shortcut.dtype))
+
+    def _train_scale(self, residual: Tensor) -> Tensor:
+        return residual / self.survival_prob if self.inverted else residual
+
+    def extra_repr(self) -> str:
+        return f"survival_prob={self.survival_prob:.4f}, mode={self.mode}, inverted={self.inverted}"
+
+
+# ----------------------------------------------------------------------------------
+# Blocks. Attribute names follow torchvision (conv1, bn1, ..., downsample) so that
+# state_dicts are interchangeable and torchvision blocks can be converted in place.
+# ----------------------------------------------------------------------------------
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding and no bias (a BatchNorm follows)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution without bias (a BatchNorm follows)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class _ResidualBlock(nn.Module):
+    """``relu(shortcut(x) + branch(x))``, with an optional stochastic-depth gate."""
+
+    downsample: nn.Module | None
+    stochastic_depth: StochasticDepth | None
+
+    def branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if self.stochastic_depth is None:
+            out = shortcut + self.branch(x)
+        else:
+            out = self.stochastic_depth(self.branch, x, shortcut)
+        # A dropped block with an identity shortcut hands back x itself, which autograd
+        # still needs: that one must not be overwritten by the in-place ReLU.
+        return torch.relu(out) if out is x else self.relu(out)
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR ResNets)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stochastic_depth = None
+
+    def branch(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out))
+
+
+class Bottleneck(_ResidualBlock):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision's "ResNet v1.5"), 1x1 expand."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(in_planes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stochastic_depth = None
+
+    def branch(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+
+# ----------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------
+
+_IMAGENET_LAYOUTS: dict[int, tuple[type[_ResidualBlock], list[int]]] = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+    152: (Bottleneck, [3, 8, 36, 3]),
+}
+_CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+
+class ResNet(nn.Module):
+    """A residual network (He et al., 2016) for any number of channels and classes.
+
+    Parameters
+    ----------
+    block : BasicBlock or Bottleneck
+        Block class used in every stage.
+    layers : sequence of int
+        Number of blocks in each stage; each stage after the first halves the
+        resolution with a stride-2 block whose shortcut is a 1x1 projection.
+    widths : sequence of int
+        Base width of each stage (the block's output has ``width * block.expansion``
+        channels).
+    in_channels : int
+        Channels of the input images (1 for MNIST).
+    num_classes : int
+        Size of the output.
+    stem : {"imagenet", "cifar"}
+        ``"imagenet"``: 7x7 stride-2 convolution and 3x3 stride-2 max-pool (divides the
+        resolution by 4). ``"cifar"``: one 3x3 convolution at full resolution.
+    zero_init_residual : bool
+        Start each branch's last BatchNorm at zero, so every block starts as the
+        identity (as torchvision offers).
+
+    Notes
+    -----
+    Attribute and ``state_dict`` names are torchvision's (``conv1``, ``bn1``,
+    ``layer1``..., ``fc``): ``ResNet.imagenet(50)`` loads a torchvision ``resnet50``
+    state_dict as it is.
+    """
+
+    def __init__(
+        self,
+        block: type[_ResidualBlock],
+        layers: Sequence[int],
+        widths: Sequence[int] = (64, 128, 256, 512),
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        stem: Literal["imagenet", "cifar"] = "imagenet",
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(layers) != len(widths):
+            raise ValueError(f"layers and widths must have one entry per stage, got {list(layers)} and {list(widths)}")
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"unknown stem {stem!r}: expected 'imagenet' or 'cifar'")
+        self.in_channels = in_channels
+        self.in_planes = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, self.in_planes, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(in_channels, self.in_planes)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(self.in_planes)
+        self.relu = nn.ReLU(inplace=True)
+
+        self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
+        for i, (name, num_blocks, width) in enumerate(zip(self.stage_names, layers, widths)):
+            setattr(self, name, self._make_layer(block, width, num_blocks, stride=1 if i == 0 else 2))
+
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.blocks:
+                nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+
+    def _make_layer(self, block: type[_ResidualBlock], planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.in_planes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.in_planes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.in_planes, planes, stride, downsample)]
+        self.in_planes = planes * block.expansion
+        layers += [block(self.in_planes, planes) for _ in range(1, num_blocks)]
+        return nn.Sequential(*layers)
+
+    @classmethod
+    def imagenet(cls, depth: int = 50, **kwargs) -> Self:
+        """ResNet-18/34/50/101/152 in He et al.'s ImageNet layout (torchvision's).
+
+        Parameters
+        ----------
+        depth : {18, 34, 50, 101, 152}
+            Network depth; 50 and up use bottleneck blocks.
+        **kwargs
+            Passed to the class (``in_channels``, ``num_classes``, and for
+            ``StochasticResNet`` the survival rule, ...).
+        """
+        if depth not in _IMAGENET_LAYOUTS:
+            raise ValueError(f"no ImageNet ResNet of depth {depth}: choose one of {sorted(_IMAGENET_LAYOUTS)}")
+        block, layers = _IMAGENET_LAYOUTS[depth]
+        return cls(block, layers, **kwargs)
+
+    @classmethod
+    def cifar(cls, depth: int = 110, **kwargs) -> Self:
+        """He et al.'s CIFAR ResNets, as used by Huang et al.: depth = 6n + 2.
+
+        Three stages of ``n`` basic blocks with 16, 32 and 64 filters on a 3x3 stem at
+        full resolution (ResNet-110: n = 18, L = 54 blocks; ResNet-1202: n = 200).
+        Downsampling shortcuts are 1x1 projections.
+
+        Parameters
+        ----------
+        depth : int
+            ``6n + 2``: 20, 32, 44, 56, 110, 1202 or any other such number.
+        **kwargs
+            Passed to the class; ``in_channels`` defaults to 3, ``num_classes`` to 10.
+        """
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (e.g. {_CIFAR_DEPTHS}), got {depth}")
+        n = (depth - 2) // 6
+        kwargs.setdefault("num_classes", 10)
+        return cls(BasicBlock, [n, n, n], widths=(16, 32, 64), stem="cifar", **kwargs)
+
+    @property
+    def blocks(self) -> list[_ResidualBlock]:
+        """The residual blocks in forward order."""
+        return [m for m in self.modules() if isinstance(m, _ResidualBlock)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected a 4-D input of shape (batch, {self.in_channels}, height, width), "
+                f"got shape {tuple(x.shape)}"
+            )
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+class StochasticResNet(ResNet):
+    """A ``ResNet`` trained with stochastic depth (Huang et al., 2016).
+
+    Same parameters, initialisation and ``state_dict`` keys as ``ResNet``: with the same
+    ``torch.manual_seed`` both start from identical weights. Every residual block gets
+    a ``StochasticDepth`` gate (see there for the training and test rules).
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for ``ResNet``.
+    survival_rule : {"linear", "uniform"} or sequence of float
+        See ``survival_probabilities``; blocks are numbered in forward order.
+    p_last : float
+        ``p_L``, the survival probability of the last block (paper: 0.5).
+    mode : {"batch", "row"}
+        One draw per mini-batch (the paper) or per sample.
+    inverted : bool
+        Scale by ``1 / p_l`` while training instead of by ``p_l`` at test time.
+    seed : int, optional
+        Seed of the generator that draws the gates. By default it is drawn from
+        torch's global generator after the weights are initialised, so
+        ``torch.manual_seed`` makes the whole model reproducible.
+
+    Examples
+    --------
+    >>> model = StochasticResNet.imagenet(50, in_channels=1, num_classes=10)
+    >>> model.expected_active_blocks  # of its 16 blocks
+    11.75
+    """
+
+    def __init__(
+        self,
+        *args,
+        survival_rule: SurvivalRule = "linear",
+        p_last: float = 0.5,
+        mode: DropMode = "batch",
+        inverted: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        add_stochastic_depth(self, survival_rule, p_last, mode=mode, inverted=inverted, seed=seed)
+
+    @property
+    def survival_probabilities(self) -> list[float]:
+        """``p_l`` of each residual block, in forward order."""
+        return [gate.survival_prob for gate in stochastic_depth_gates(self)]
+
+    @property
+    def expected_active_blocks(self) -> float:
+        """Expected number of blocks computed in a training pass, ``sum(p_l)``."""
+        return math.fsum(self.survival_probabilities)
+
+    @property
+    def active_blocks(self) -> Tensor | None:
+        """Which blocks ran in the last forward pass.
+
+        A bool tensor of shape ``(L,)`` in ``"batch"`` mode, ``(L, batch)`` in ``"row"``
+        mode, or None before the first forward pass.
+        """
+        active = [gate.last_active for gate in stochastic_depth_gates(self)]
+        return None if any(a is None for a in active) else torch.stack(active)
+
+
+# ----------------------------------------------------------------------------------
+# Converting existing models
+# ----------------------------------------------------------------------------------
+
+
+def _as_residual_block(block: nn.Module) -> _ResidualBlock:
+    """Our block class holding the very same submodules as a torchvision block."""
+    if isinstance(block, _ResidualBlock):
+        return block
+    from torchvision.models import resnet as tv  # only needed for conversion
+
+    kind = {tv.BasicBlock: BasicBlock, tv.Bottleneck: Bottleneck}.get(type(block))
+    if kind is None:
+        raise TypeError(f"cannot add stochastic depth to a {type(block).__name__}")
+    converted = kind.__new__(kind)
+    nn.Module.__init__(converted)
+    for name, child in block.named_children():
+        setattr(converted, name, child)
+    converted.downsample = block.downsample  # also when None, which is no child
+    converted.stochastic_depth = None
+    converted.train(block.training)
+    return converted
+
+
+def add_stochastic_depth(
+    model: nn.Module,
+    survival_rule: SurvivalRule = "linear",
+    p_last: float = 0.5,
+    *,
+    mode: DropMode = "batch",
+    inverted: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """Give every residual block of a ResNet a stochastic-depth gate, in place.
+
+    Works on torchvision's ResNets (``BasicBlock`` and ``Bottleneck``) and on this
+    module's. Weights, ``state_dict`` keys and the model's class stay as they were;
+    torchvision's blocks are swapped for equivalent ones of this module that hold the
+    very same submodules. The model gets a ``generator`` attribute that drives the
+    gates.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; its residual blocks are numbered in ``model.modules()`` order.
+    survival_rule, p_last, mode, inverted, seed
+        As for ``StochasticResNet``.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
+    """
+    from torchvision.models import resnet as tv
+
+    block_types = (_ResidualBlock, tv.BasicBlock, tv.Bottleneck)
+    parents = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, block_types)
+    ]
+    if not parents:
+        raise TypeError(f"{type(model).__name__} has no residual blocks to add stochastic depth to")
+    probs = survival_probabilities(len(parents), survival_rule, p_last)
+    if seed is None:
+        seed = int(torch.randint(2**62, ()).item())
+    model.generator = torch.Generator().manual_seed(seed)
+    for (parent, name, child), p in zip(parents, probs):
+        block = _as_residual_block(child)
+        block.stochastic_depth = StochasticDepth(p, mode, inverted, model.generator)
+        setattr(parent, name, block)
+    return model
+
+
+def stochastic_depth_gates(model: nn.Module) -> list[StochasticDepth]:
+    """The ``StochasticDepth`` gates of a model, in forward (block) order."""
+    return [m for m in model.modules() if isinstance(m, StochasticDepth)]
