@@ -1,0 +1,27 @@
+"""Everything the notebook needs besides the models, in one import.
+
+The code lives in modules named for what they hold:
+
+- :mod:`mnist`: ``load_mnist``, ``load_fashion_mnist``, ``read_idx``, ``Split``, ``DatasetFileError``
+- :mod:`training`: ``train_lockstep``, ``BatchSampler``, ``History``, ``NonFiniteLossError``, ``pick_device``
+- :mod:`plotting`: ``draw``, ``draw_runs``
+
+Typical use::
+
+    import utils
+    train, test = utils.load_mnist()
+    history = utils.train_lockstep({"ResNet": resnet, "Stochastic": stochastic}, train, test,
+                                   iterations=2000, batch_size=400)
+    utils.draw(history["ResNet"]["test_acc"], "ResNet",
+               history["Stochastic"]["test_acc"], "Stochastic", window=20, type_data="accuracy")
+"""
+
+from mnist import DatasetFileError, Split, load_fashion_mnist, load_mnist, read_idx
+
+__all__ = [
+    "DatasetFileError",
+    "Split",
+    "load_fashion_mnist",
+    "load_mnist",
+    "read_idx",
+]
