@@ -17,11 +17,18 @@ Typical use::
 """
 
 from mnist import DatasetFileError, Split, load_fashion_mnist, load_mnist, read_idx
+from training import METRICS, BatchSampler, History, NonFiniteLossError, pick_device, train_lockstep
 
 __all__ = [
+    "METRICS",
+    "BatchSampler",
     "DatasetFileError",
+    "History",
+    "NonFiniteLossError",
     "Split",
     "load_fashion_mnist",
     "load_mnist",
+    "pick_device",
     "read_idx",
+    "train_lockstep",
 ]

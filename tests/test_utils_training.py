@@ -1,0 +1,249 @@
+"""BatchSampler, History and train_lockstep on tiny models and a few hundred MNIST samples."""
+
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import utils
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DETERMINISTIC = [m for m in utils.METRICS if m != "step_time"]  # step_time is a wall clock
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def epoch_of(sampler):
+    return torch.cat([sampler.next_batch()[1] for _ in range(sampler.batches_per_epoch)]).cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampler_serves_each_sample_once_per_epoch_and_reshuffles(device):
+    labels = torch.arange(103)
+    sampler = utils.BatchSampler(labels.float(), labels, 10, seed=1, device=device)
+    first, second = epoch_of(sampler), epoch_of(sampler)
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(103))
+    assert not torch.equal(first, second) and not torch.equal(first, labels)
+    images, batch_labels = sampler.next_batch()
+    assert images.device.type == batch_labels.device.type == device
+    assert torch.equal(images.long(), batch_labels)  # images and labels stay paired
+    assert sampler.epoch == 2 and sampler.position == 10
+
+
+def test_sampler_repeats_under_a_seed_and_differs_across_seeds():
+    labels = torch.arange(50)
+
+    def batches(seed):
+        return torch.cat([b for _, b in utils.BatchSampler(labels, labels, 7, seed=seed, n_epochs=3)])
+
+    assert len(batches(0)) == 150
+    assert torch.equal(batches(0), batches(0))
+    assert not torch.equal(batches(0), batches(1))
+
+
+def test_sampler_in_order_and_finite():
+    labels = torch.arange(10)
+    sampler = utils.BatchSampler(labels, labels, 4, shuffle=False, n_epochs=2)
+    assert [b.tolist() for _, b in sampler] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] * 2
+    with pytest.raises(StopIteration):
+        sampler.next_batch()
+
+
+def test_sampler_state_dict_resumes_exactly():
+    labels = torch.arange(30)
+    sampler = utils.BatchSampler(labels, labels, 8, seed=3)
+    for _ in range(5):  # into the second epoch
+        sampler.next_batch()
+    state = sampler.state_dict()
+    expected = [sampler.next_batch()[1] for _ in range(10)]
+    resumed = utils.BatchSampler(labels, labels, 8, seed=99)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, (resumed.next_batch()[1] for _ in range(10))))
+    with pytest.raises(ValueError, match="batches of 8 from 30 samples"):
+        utils.BatchSampler(labels, labels, 9).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- history
+
+
+def make_history():
+    history = utils.History(["a", "b"])
+    for i in range(3):
+        for model in history.models:
+            history.append(model, train_loss=1 / (i + 3), train_acc=0.1 * i, test_loss=2.0**-i,
+                           test_acc=1 / 3, step_time=1e-3 * (i + 1))
+    return history
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_history_saves_and_loads_exactly(tmp_path, suffix):
+    history = make_history()
+    history.save(tmp_path / f"history{suffix}")
+    loaded = utils.History.load(tmp_path / f"history{suffix}")
+    assert loaded == history and loaded.models == ["a", "b"] and len(loaded) == 3
+    assert loaded["b"]["test_acc"] == [1 / 3] * 3
+
+
+def test_history_rejects_unknown_formats_and_metrics(tmp_path):
+    with pytest.raises(ValueError, match="unknown format"):
+        make_history().save(tmp_path / "history.txt")
+    with pytest.raises(ValueError, match="need exactly the metrics"):
+        make_history().append("a", train_loss=1.0)
+
+
+# ---------------------------------------------------------------- lockstep training
+
+
+class Linear(nn.Module):
+    """Logistic regression that remembers the batches it saw, for comparing models."""
+
+    def __init__(self, hidden=0):
+        super().__init__()
+        layers = [nn.Linear(784, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10)] if hidden else [nn.Linear(784, 10)]
+        self.net = nn.Sequential(nn.Flatten(), *layers)
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append((self.training, images.sum().item()))
+        return self.net(images)
+
+
+class RandomMask(nn.Module):
+    """Owns a generator that decides, every training step, which inputs to drop (like dropped blocks)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.linear = nn.Linear(784, 10)
+
+    def forward(self, images):
+        images = images.flatten(1)
+        if self.training:
+            keep = torch.rand(images.shape[1], generator=self.generator) < 0.5
+            images = images * keep.to(images.device)
+        return self.linear(images)
+
+
+def tiny_models():
+    torch.manual_seed(0)
+    return {"linear": Linear(), "mlp": Linear(hidden=32), "masked": RandomMask()}
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """600 training and 300 test samples of MNIST."""
+    train, test = mnist
+    return utils.Split(train.images[:600], train.labels[:600]), utils.Split(test.images[:300], test.labels[:300])
+
+
+def run(small, iterations=12, **kwargs):
+    kwargs = {"batch_size": 50, "seed": 0, "progress": False, "device": "cpu", **kwargs}
+    models = kwargs.pop("models", None) or tiny_models()
+    return utils.train_lockstep(models, *small, iterations, **kwargs)
+
+
+def assert_same_metrics(history, other):
+    assert history.models == other.models
+    for model in history.models:
+        for metric in DETERMINISTIC:
+            assert history[model][metric] == other[model][metric], (model, metric)
+
+
+def test_lockstep_improves_on_identical_batches_and_repeats(small):
+    models = tiny_models()
+    history = run(small, iterations=30, models=models)
+    assert len(history) == 30 and history.metrics == utils.METRICS
+    for model in history.models:
+        accuracy = history[model]["test_acc"]
+        assert sum(accuracy[-5:]) / 5 > sum(accuracy[:2]) / 2 + 0.3, (model, accuracy)
+        assert all(t > 0 for t in history[model]["step_time"])
+        assert next(models[model].parameters()).requires_grad and models[model].training
+    # Both recording models saw the same 30 training and 30 test batches, in the same order.
+    assert models["linear"].seen == models["mlp"].seen
+    assert [training for training, _ in models["linear"].seen] == [True, False] * 30
+    assert_same_metrics(history, run(small, iterations=30))
+    with pytest.raises(AssertionError):
+        assert_same_metrics(history, run(small, iterations=30, seed=1))
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(small, tmp_path):
+    uninterrupted = run(small, iterations=12)
+
+    models = tiny_models()
+    calls = []
+
+    def ctrl_c_during_iteration_5(module, inputs):
+        calls.append(module.training)
+        if module.training and calls.count(True) == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    models["mlp"].register_forward_pre_hook(ctrl_c_during_iteration_5)
+    checkpoint = tmp_path / "run.pt"
+    with pytest.warns(UserWarning, match="stopped after iteration 5 of 12"):
+        interrupted = run(small, models=models, checkpoint_path=checkpoint, checkpoint_every=4)
+    assert len(interrupted) == 5 and signal.getsignal(signal.SIGINT) is handler
+
+    resumed = run(small, models=tiny_models(), resume_from=checkpoint)
+    assert len(resumed) == 12
+    assert_same_metrics(resumed, uninterrupted)
+    assert resumed["mlp"]["step_time"][:5] == interrupted["mlp"]["step_time"]
+
+
+def test_periodic_checkpoint_resumes_and_needs_the_model_generators(small, tmp_path):
+    uninterrupted = run(small, iterations=12)
+    checkpoint = tmp_path / "run.pt"
+    run(small, iterations=8, checkpoint_path=checkpoint, checkpoint_every=4)
+    assert_same_metrics(run(small, resume_from=checkpoint), uninterrupted)
+
+    # Without its generator's state, the masking model would drop different inputs.
+    state = torch.load(checkpoint, weights_only=True)
+    del state["rng"]["models"]["masked"]
+    torch.save(state, checkpoint)
+    resumed = run(small, resume_from=checkpoint)
+    assert resumed["linear"]["test_acc"] == uninterrupted["linear"]["test_acc"]
+    assert resumed["masked"]["test_acc"] != uninterrupted["masked"]["test_acc"]
+
+
+def test_keyboard_interrupt_outside_the_handler_drops_the_partial_iteration(small):
+    models = tiny_models()
+    calls = []
+
+    def raise_in_iteration_3(module, inputs):
+        calls.append(module.training)
+        if module.training and calls.count(True) == 3:
+            raise KeyboardInterrupt
+
+    models["mlp"].register_forward_pre_hook(raise_in_iteration_3)
+    with pytest.warns(UserWarning, match="during iteration 3; returning the 2 iterations before it"):
+        history = run(small, models=models)
+    assert len(history) == 2 and all(len(history[m]["test_acc"]) == 2 for m in history.models)
+
+
+class Exploding(Linear):
+    def forward(self, images):
+        output = super().forward(images)
+        return output * float("nan") if sum(training for training, _ in self.seen) == 4 else output
+
+
+def test_non_finite_loss_names_model_and_iteration_and_keeps_the_history(small):
+    models = {"fine": Linear(), "exploding": Exploding()}
+    with pytest.raises(utils.NonFiniteLossError, match=r"model 'exploding': training loss is nan at iteration 4") as error:
+        run(small, models=models)
+    assert len(error.value.history) == 3 and error.value.history.models == ["fine", "exploding"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lockstep_on_each_available_device(small, device, tmp_path):
+    models = tiny_models()
+    history = run(small, iterations=6, models=models, device=device, checkpoint_path=tmp_path / "c.pt")
+    assert len(history) == 6 and next(models["mlp"].parameters()).device.type == device
+    assert run(small, iterations=9, device=device, resume_from=tmp_path / "c.pt").models == history.models
+
+
+def test_pick_device():
+    assert utils.pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert utils.pick_device().type == expected
