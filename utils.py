@@ -17,6 +17,7 @@ Typical use::
 """
 
 from mnist import DatasetFileError, Split, load_fashion_mnist, load_mnist, read_idx
+from plotting import draw, draw_runs
 from training import METRICS, BatchSampler, History, NonFiniteLossError, pick_device, train_lockstep
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "History",
     "NonFiniteLossError",
     "Split",
+    "draw",
+    "draw_runs",
     "load_fashion_mnist",
     "load_mnist",
     "pick_device",
