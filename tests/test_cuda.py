@@ -1,0 +1,93 @@
+"""CUDA checks of the stochastic-depth ResNets; skipped on machines without a GPU."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_with_stochastic_depth import StochasticResNet
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Compare against the CPU in full float32 precision.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def model_and_batch(mode="batch", size=16, n=32):
+    torch.manual_seed(0)
+    model = StochasticResNet.cifar(14, mode=mode, p_last=0.5, seed=1)
+    x = torch.randn(n, 3, size, size)
+    y = torch.randint(10, (n,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_cuda_matches_cpu_with_the_same_seed(mode):
+    model, x, y = model_and_batch(mode)
+    on_gpu = copy.deepcopy(model).cuda()
+    for _ in range(3):
+        out_cpu, out_gpu = model(x), on_gpu(x.cuda())
+        assert torch.equal(model.active_blocks, on_gpu.active_blocks)  # the draws stay on the CPU generator
+        torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-4, rtol=1e-4)
+        F.cross_entropy(out_gpu, y.cuda()).backward()
+    model.eval(), on_gpu.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(x.cuda()).cpu(), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_training_step_never_waits_for_the_gpu(mode):
+    model, x, y = model_and_batch(mode)
+    model.cuda()
+    x, y = x.cuda(), y.cuda()
+    F.cross_entropy(model(x), y).backward()  # warm-up: cuDNN autotuning may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            F.cross_entropy(model(x), y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_cuda_autocast(dtype, mode):
+    model, x, y = model_and_batch(mode)
+    model.cuda().to(memory_format=torch.channels_last)
+    x = x.cuda().to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(model(x), y.cuda())
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_inductor_compile_matches_eager_on_cuda(mode):
+    model, x, y = model_and_batch(mode)
+    eager = model.cuda()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
+    x, y = x.cuda(), y.cuda()
+    for _ in range(3):
+        out_eager, out_compiled = eager(x), compiled(x)
+        assert torch.equal(eager.active_blocks, compiled_model.active_blocks)
+        torch.testing.assert_close(out_compiled, out_eager, atol=1e-3, rtol=1e-3)
+        F.cross_entropy(out_eager, y).backward()
+        F.cross_entropy(out_compiled, y).backward()
+    eager.eval(), compiled_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-3, rtol=1e-3)
+
