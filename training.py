@@ -198,7 +198,8 @@ class History:
             self._values[model][metric].append(float(value))
 
     def to_dict(self) -> dict[str, dict[str, list[float]]]:
-        return {model: {metric: list(values) for metric, values in metrics.items()} for model, metrics in self._values.items()}
+        return {model: {metric: list(values) for metric, values in metrics.items()}
+                for model, metrics in self._values.items()}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Mapping[str, Iterable[float]]]) -> History:
@@ -350,7 +351,9 @@ def train_lockstep(
             except KeyboardInterrupt:
                 # Not deferred (not the main thread, or a second Ctrl-C): the iteration is half
                 # done, so drop it, and keep the last checkpoint rather than saving this state.
-                warnings.warn(f"Interrupted during iteration {iteration}; returning the {iteration - 1} iterations before it")
+                warnings.warn(
+                    f"Interrupted during iteration {iteration}; returning the {iteration - 1} iterations before it"
+                )
                 break
             for name, values in record.items():
                 history.append(name, **values)

@@ -97,12 +97,14 @@ def test_history_rejects_unknown_formats_and_metrics(tmp_path):
 
 
 class Linear(nn.Module):
-    """Logistic regression that remembers the batches it saw, for comparing models."""
+    """Logistic regression, or with `hidden` an MLP with dropout; remembers the batches it saw."""
 
     def __init__(self, hidden=0):
         super().__init__()
-        layers = [nn.Linear(784, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10)] if hidden else [nn.Linear(784, 10)]
-        self.net = nn.Sequential(nn.Flatten(), *layers)
+        if hidden:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10))
+        else:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
         self.seen = []
 
     def forward(self, images):
@@ -230,7 +232,8 @@ class Exploding(Linear):
 
 def test_non_finite_loss_names_model_and_iteration_and_keeps_the_history(small):
     models = {"fine": Linear(), "exploding": Exploding()}
-    with pytest.raises(utils.NonFiniteLossError, match=r"model 'exploding': training loss is nan at iteration 4") as error:
+    message = r"model 'exploding': training loss is nan at iteration 4"
+    with pytest.raises(utils.NonFiniteLossError, match=message) as error:
         run(small, models=models)
     assert len(error.value.history) == 3 and error.value.history.models == ["fine", "exploding"]
 
