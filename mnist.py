@@ -157,7 +157,7 @@ def load_mnist(root: str | Path | None = None, *, download: bool = False) -> tup
     (train, test) : tuple of Split
         60,000 and 10,000 images as float32 (N, 1, 28, 28) in [0, 1], labels as int64 (N,).
     """
-    return _load_idx_dataset(root or VENDORED_MNIST, "MNIST", _MNIST_SHA256, download)
+    return _load_idx_dataset(VENDORED_MNIST if root is None else root, "MNIST", _MNIST_SHA256, download)
 
 
 def load_fashion_mnist(
@@ -201,7 +201,7 @@ def _load_idx_dataset(
         raise FileNotFoundError(f"{root}: no {', '.join(missing)} (.gz or uncompressed){hint}")
 
     arrays = {name: read_idx(path, shape=_SHAPES[name], sha256=sha256.get(name)) for name, path in paths.items()}
-    return tuple(_make_split(arrays, paths, prefix) for prefix in ("train", "t10k"))  # type: ignore[return-value]
+    return _make_split(arrays, paths, "train"), _make_split(arrays, paths, "t10k")
 
 
 def _find_files(root: Path, torchvision_name: str) -> dict[str, Path]:
