@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
-__all__ = ["draw", "draw_runs"]
+__all__ = ["draw", "draw_runs", "ewm_mean"]
 
 
 def draw(
@@ -68,7 +68,7 @@ def draw(
     axis = axis if axis is not None else plt.subplots()[1]
     for label, values in curves:
         iterations = np.arange(1, len(values) + 1)
-        (line,) = axis.plot(iterations, _ewm_mean(values, window), label=label, linewidth=1.5)
+        (line,) = axis.plot(iterations, ewm_mean(values, window), label=label, linewidth=1.5)
         axis.plot(iterations, values, color=line.get_color(), alpha=0.25, linewidth=0.8, zorder=line.get_zorder() - 1)
     return _finish(axis, type_data, bound)
 
@@ -118,7 +118,7 @@ def draw_runs(
 
     axis = axis if axis is not None else plt.subplots()[1]
     for label, curves in curves_by_label.items():
-        smoothed = np.stack([_ewm_mean(curve, window) for curve in curves])
+        smoothed = np.stack([ewm_mean(curve, window) for curve in curves])
         mean, std = smoothed.mean(axis=0), smoothed.std(axis=0)
         iterations = np.arange(1, smoothed.shape[1] + 1)
         (line,) = axis.plot(iterations, mean, label=f"{label} (mean ± 1 std, {len(curves)} runs)", linewidth=1.5)
@@ -135,8 +135,22 @@ def _as_curve(values: Sequence[float], label: str) -> np.ndarray:
     return curve
 
 
-def _ewm_mean(values: np.ndarray, span: int) -> np.ndarray:
-    """Exponentially weighted mean with weights (1 - 2/(span+1))**age; non-finite values skipped."""
+def ewm_mean(values: Sequence[float], span: int) -> np.ndarray:
+    """Exponentially weighted mean, the smoothing that `draw` plots.
+
+    Parameters
+    ----------
+    values : sequence of float
+        Values per iteration; NaN and infinite values get no weight.
+    span : int
+        Weights decay as ``(1 - 2 / (span + 1)) ** age``, as pandas' ``ewm(span=span)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The smoothed values, NaN until the first finite value.
+    """
+    values = np.asarray(values, dtype=float)
     decay = 1 - 2 / (span + 1)
     smoothed = np.empty(len(values))
     weighted_sum = total_weight = 0.0

@@ -4,7 +4,7 @@ The code lives in modules named for what they hold:
 
 - :mod:`mnist`: ``load_mnist``, ``load_fashion_mnist``, ``read_idx``, ``Split``, ``DatasetFileError``
 - :mod:`training`: ``train_lockstep``, ``BatchSampler``, ``History``, ``NonFiniteLossError``, ``pick_device``
-- :mod:`plotting`: ``draw``, ``draw_runs``
+- :mod:`plotting`: ``draw``, ``draw_runs``, ``ewm_mean``
 
 Typical use::
 
@@ -17,7 +17,7 @@ Typical use::
 """
 
 from mnist import DatasetFileError, Split, load_fashion_mnist, load_mnist, read_idx
-from plotting import draw, draw_runs
+from plotting import draw, draw_runs, ewm_mean
 from training import METRICS, BatchSampler, History, NonFiniteLossError, pick_device, train_lockstep
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Split",
     "draw",
     "draw_runs",
+    "ewm_mean",
     "load_fashion_mnist",
     "load_mnist",
     "pick_device",
