@@ -184,6 +184,10 @@ class StochasticDepth(nn.Module):
             return shortcut
         if len(kept) == len(keep):
             return shortcut + self._train_scale(branch(x))
+        if x.is_cuda:
+            # A copy from pageable memory waits for the GPU to finish all queued work;
+            # from pinned memory it does not.
+            kept = kept.pin_memory()
         kept = kept.to(x.device, non_blocking=True)
         if len(kept) > 1:
             residual = branch(x.index_select(0, kept))
