@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 # Execute the notebook headless; the executed copy, figures and history land in results/.
 run: venv
 	mkdir -p results
-	$(PY) -m papermill stochastic_depth.ipynb results/stochastic_depth.ipynb --cwd . -p output_dir results $(PARAMS)
+	$(PY) -m papermill stochastic_depth.ipynb results/stochastic_depth.ipynb --cwd . $(PARAMS)
 
 test: venv
 	$(PY) -m pytest -ra
