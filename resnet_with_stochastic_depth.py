@@ -31,6 +31,7 @@ from typing import Literal, Self
 
 import torch
 from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
 
 __all__ = [
     "BasicBlock",
@@ -513,9 +514,7 @@ def _as_residual_block(block: nn.Module) -> _ResidualBlock:
     """Our block class holding the very same submodules as a torchvision block."""
     if isinstance(block, _ResidualBlock):
         return block
-    from torchvision.models import resnet as tv  # only needed for conversion
-
-    kind = {tv.BasicBlock: BasicBlock, tv.Bottleneck: Bottleneck}.get(type(block))
+    kind = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}.get(type(block))
     if kind is None:
         raise TypeError(f"cannot add stochastic depth to a {type(block).__name__}")
     converted = kind.__new__(kind)
@@ -557,9 +556,7 @@ def add_stochastic_depth(
     torch.nn.Module
         ``model`` itself.
     """
-    from torchvision.models import resnet as tv
-
-    block_types = (_ResidualBlock, tv.BasicBlock, tv.Bottleneck)
+    block_types = (_ResidualBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
     parents = [
         (parent, name, child)
         for parent in model.modules()
