@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import Literal, Self
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet as tv_resnet
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "StochasticResNet",
     "add_stochastic_depth",
     "stochastic_depth_gates",
+    "training_flop_floor",
     "survival_probabilities",
 ]
 
@@ -579,3 +582,43 @@ def add_stochastic_depth(
 def stochastic_depth_gates(model: nn.Module) -> list[StochasticDepth]:
     """The ``StochasticDepth`` gates of a model, in forward (block) order."""
     return [m for m in model.modules() if isinstance(m, StochasticDepth)]
+
+
+def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabilities: Sequence[float]) -> dict[str, float]:
+    """Expected fraction of a plain training step's FLOPs that stochastic depth still computes.
+
+    Counts the forward and backward FLOPs of one cross-entropy training step of `model`
+    (a plain ``ResNet``, or a stochastic one in eval mode) with ``torch.utils.flop_counter``.
+    A block's skippable work is its branch, everything but its projection shortcut; the
+    stem, the shortcuts and the classifier always run. The floor is
+    ``(fixed + sum p_l work_l) / (fixed + sum work_l)``: the step-time ratio that skipping
+    dropped blocks can reach when time follows FLOPs.
+
+    Parameters
+    ----------
+    model : ResNet
+        The network to count; its gradients are left set by the counted step.
+    images, labels : torch.Tensor
+        One batch, on the model's device.
+    probabilities : sequence of float
+        ``p_l`` for each residual block of `model`, in forward order.
+
+    Returns
+    -------
+    dict
+        ``total_gflop`` (a plain step), ``fixed_gflop`` (work no block can skip) and
+        ``floor`` (the expected fraction).
+    """
+    blocks = model.blocks
+    if len(probabilities) != len(blocks):
+        raise ValueError(f"expected {len(blocks)} survival probabilities, one per block, got {len(probabilities)}")
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    total = counter.get_total_flops()
+    root = type(model).__name__
+    names = [f"{root}.{name}" for name, m in model.named_modules() if m in blocks]
+    block_work = [counts.get(n, 0) - counts.get(n + ".downsample", 0) for n in names]
+    fixed = total - sum(block_work)
+    expected = fixed + sum(p * w for p, w in zip(probabilities, block_work))
+    return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}

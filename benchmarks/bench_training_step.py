@@ -30,10 +30,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, survival_probabilities  # noqa: E402
+from resnet_with_stochastic_depth import (  # noqa: E402
+    ResNet,
+    StochasticResNet,
+    survival_probabilities,
+    training_flop_floor,
+)
 
 
 class TorchvisionMask(nn.Module):
@@ -74,17 +78,7 @@ def build_variants(p_last: float) -> dict[str, nn.Module]:
 def flop_floor(p_last: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Expected fraction of a plain training step's FLOPs that block mode still computes."""
     model = ResNet.imagenet(50, in_channels=1, num_classes=10)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
-    names = [f"ResNet.{name}" for name, m in model.named_modules() if m in model.blocks]
-    # A block's skippable work is its branch: everything but its projection shortcut.
-    block_work = [counts.get(n, 0) - counts.get(n + ".downsample", 0) for n in names]
-    probs = survival_probabilities(len(block_work), "linear", p_last)
-    fixed = total - sum(block_work)
-    expected = fixed + sum(p * w for p, w in zip(probs, block_work))
-    return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}
+    return training_flop_floor(model, x, y, survival_probabilities(len(model.blocks), "linear", p_last))
 
 
 def time_steps(variants, x, y, device, rounds: int, warmup: int) -> dict[str, list[float]]:
