@@ -263,6 +263,7 @@ def train_lockstep(
     checkpoint_every: int | None = None,
     resume_from: str | Path | None = None,
     progress: bool = True,
+    on_iteration: Callable[[int, Mapping[str, nn.Module]], None] | None = None,
 ) -> History:
     """Train `models` side by side: every iteration, each takes one step on the same batch.
 
@@ -302,6 +303,10 @@ def train_lockstep(
         A resumed run ends with the same history as one never interrupted.
     progress : bool
         Show a tqdm progress bar with the latest test accuracies.
+    on_iteration : callable, optional
+        Called as ``on_iteration(iteration, models)`` after each iteration is recorded and
+        before it is checkpointed (so a checkpoint implies the call finished), e.g. to
+        evaluate the models on more data every so often.
 
     Returns
     -------
@@ -359,6 +364,8 @@ def train_lockstep(
                 history.append(name, **values)
             bar.set_postfix({name: f"{values['test_acc']:.3f}" for name, values in record.items()}, refresh=False)
             bar.update()
+            if on_iteration is not None:
+                on_iteration(iteration, models)
 
             at_interval = checkpoint_every is not None and iteration % checkpoint_every == 0
             if checkpoint_path is not None and (at_interval or iteration == iterations or interrupt.is_set()):
