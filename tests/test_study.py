@@ -1,0 +1,247 @@
+"""The multi-seed study: its statistics against known answers, and its jobs' caching, resuming and executors."""
+
+import json
+import math
+import shutil
+import time
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import study
+
+# A study small enough for this CPU: a CIFAR ResNet-8, a few iterations, a 300-image evaluation set.
+TINY = dict(layout="cifar", depth=8, iterations=8, batch_size=16, evaluations=2, subnetworks=3, eval_samples=300)
+
+
+class RecordingExecutor:
+    """Runs each job at once in this process and remembers what was submitted."""
+
+    def __init__(self):
+        self.seeds = []
+
+    def submit(self, fn, *args):
+        self.seeds.append(args[1])
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Two seeds of an A/A comparison (p_L = 1.0) and a real one (p_L = 0.5), computed once."""
+    output_dir = tmp_path_factory.mktemp("study")
+    settings = study.StudySettings(p_lasts=(1.0, 0.5), **TINY)
+    results = study.run_study(settings, 2, output_dir, device="cpu", progress=False)
+    return settings, output_dir, results
+
+
+def deterministic_part(result):
+    """A result without what measures wall-clock time."""
+    kept = {k: v for k, v in result.items() if k not in ("started_at", "finished_at", "wall_s", "threads")}
+    kept["history"] = {name: {m: v for m, v in metrics.items() if m != "step_time"}
+                       for name, metrics in result["history"].items()}
+    return kept
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_a_a_comparison_gives_exactly_zero_with_a_zero_width_interval(tiny_study):
+    settings, _, results = tiny_study
+    aa = study.summarize(results)["comparisons"][0]
+    assert aa["p_last"] == 1.0
+    assert aa["per_seed_differences"] == [0.0, 0.0]
+    assert aa["accuracy_difference"] == 0.0 and aa["ci95"] == [0.0, 0.0]
+    assert aa["verdict"] == "no difference" and aa["min_detectable_difference"] == 0.0
+    # The networks compute the same thing, so every per-iteration test accuracy is equal too.
+    for r in results:
+        assert r["history"]["p_L=1"]["test_acc"] == r["history"]["ResNet"]["test_acc"]
+    assert aa["fluctuation"]["second_half"]["ratio"]["ci95"] == [1.0, 1.0]
+    line = study.verdict_lines(study.summarize(results))["accuracy"][0]
+    assert "no difference" in line and "[+0.00, +0.00]" in line
+
+
+def test_a_synthetic_shift_of_known_size_is_detected_and_bracketed():
+    rng = np.random.default_rng(0)
+    plain = rng.normal(97.0, 0.5, size=8)
+    for shift, verdict in [(1.0, "better"), (-1.0, "worse")]:
+        stochastic = plain + shift + rng.normal(0, 0.2, size=8)
+        result = study.paired_difference(stochastic, plain)
+        assert result["verdict"] == verdict
+        # The interval's own coverage is tested below; here: centred on the shift within 4.5 standard errors.
+        assert abs(result["mean"] - shift) < 4.5 * 0.2 / math.sqrt(8)
+    small = study.paired_difference(plain + rng.normal(0, 0.5, size=8), plain)
+    assert small["verdict"] == "no difference" and small["min_detectable"] > 0
+
+
+def test_the_interval_covers_the_true_mean_95_percent_of_the_time():
+    rng = np.random.default_rng(1)
+    trials, n, true_mean = 4000, 5, 0.3
+    covered = 0
+    for _ in range(trials):
+        low, high = study.paired_difference(rng.normal(true_mean, 1.0, n), np.zeros(n))["ci95"]
+        covered += low <= true_mean <= high
+    sigma = math.sqrt(0.95 * 0.05 / trials)
+    assert abs(covered / trials - 0.95) < 4.5 * sigma
+
+
+def test_the_minimum_detectable_difference_is_detected_80_percent_of_the_time():
+    rng = np.random.default_rng(2)
+    n, sd, trials = 5, 1.0, 4000
+    effect = study.minimum_detectable_difference(sd, n)
+    assert 1.5 < effect < 2.0  # about (t_0.975 + t_0.8) sd / sqrt(n) = (2.78 + 0.94) / 2.24
+    detected = sum(stats.ttest_1samp(rng.normal(effect, sd, n), 0).pvalue < 0.05 for _ in range(trials))
+    assert abs(detected / trials - 0.8) < 4.5 * math.sqrt(0.8 * 0.2 / trials)
+
+
+def test_holm_adjustment_against_a_hand_computed_case():
+    assert study.holm_adjusted([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+
+
+def test_paired_ratio_is_a_geometric_mean_with_an_interval():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(1, 2, 10)
+    result = study.paired_ratio(2 * base * np.exp(rng.normal(0, 0.05, 10)), base)
+    assert result["mean"] == pytest.approx(2.0, rel=0.05)
+    assert result["ci95"][0] < 2.0 < result["ci95"][1] and result["verdict"] == "above 1"
+    assert study.paired_ratio([1.0, float("nan")], [1.0, 2.0])["n"] == 1  # undefined pairs are left out
+
+
+def test_fluctuation_measures_the_noise_around_a_trend_and_separates_the_shared_part():
+    rng = np.random.default_rng(4)
+    trend = np.linspace(0.5, 0.99, 20000)
+    shared, own_a, own_b = (rng.normal(0, sd, 20000) for sd in (0.03, 0.01, 0.02))
+    a, b = trend + shared + own_a, trend + shared + own_b
+    assert study.fluctuation(a) == pytest.approx(math.hypot(0.03, 0.01), rel=0.03)
+    assert study.shared_fluctuation(a, b) == pytest.approx(0.03**2, rel=0.05)
+    assert study._own_fluctuation(a, b) == pytest.approx(0.01, rel=0.1)
+    assert study._own_fluctuation(b, a) == pytest.approx(0.02, rel=0.1)
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def test_same_settings_twice_compute_nothing_and_give_the_same_numbers(tiny_study):
+    settings, output_dir, results = tiny_study
+    executor = RecordingExecutor()
+    again = study.run_study(settings, 2, output_dir, executor=executor, progress=False)
+    assert executor.seeds == []
+    assert again == results
+    first, second = study.summarize(results), study.summarize(again)
+    assert json.dumps(first) == json.dumps(second)
+    assert study.verdict_lines(first) == study.verdict_lines(second)
+
+
+def test_a_study_killed_mid_way_computes_only_the_missing_runs(tiny_study, tmp_path):
+    settings, output_dir, results = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(output_dir, copy)
+    study.result_path(copy, settings, 1).unlink()  # seed 1 never finished
+    kept = study.result_path(copy, settings, 0).stat().st_mtime_ns
+    executor = RecordingExecutor()
+    resumed = study.run_study(settings, 3, copy, executor=executor, progress=False)
+    assert executor.seeds == [1, 2]
+    assert study.result_path(copy, settings, 0).stat().st_mtime_ns == kept
+    assert deterministic_part(resumed[1]) == deterministic_part(results[1])
+
+
+def test_an_interrupted_job_resumes_from_its_checkpoint_with_the_same_result(tiny_study, tmp_path, monkeypatch):
+    settings, _, results = tiny_study
+    evaluate = study._evaluate
+    calls = []
+
+    def evaluate_then_die(*args):
+        calls.append(1)
+        if len(calls) == len(settings.model_names) + 1:  # in the second evaluation point
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(study, "_evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_seed(settings, 0, tmp_path, device="cpu")
+    checkpoint = study.result_path(tmp_path, settings, 0).with_name("seed-0.checkpoint.pt")
+    assert checkpoint.exists() and not study.result_path(tmp_path, settings, 0).exists()
+
+    monkeypatch.setattr(study, "_evaluate", evaluate)
+    resumed = study.run_seed(settings, 0, tmp_path, device="cpu")
+    assert deterministic_part(resumed) == deterministic_part(results[0])
+    assert not checkpoint.exists()
+
+
+def test_the_verdict_follows_the_result_files(tiny_study, tmp_path):
+    settings, output_dir, _ = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(output_dir, copy)
+    before = study.summarize(study.load_results(settings, [0, 1], copy))["comparisons"][1]
+    for seed, gain in [(0, 0.30), (1, 0.32)]:  # the p_L = 0.5 network ends 30 points ahead
+        path = study.result_path(copy, settings, seed)
+        result = json.loads(path.read_text())
+        final = result["evaluations"]["accuracy"]
+        final["p_L=0.5"][-1] = final["ResNet"][-1] + gain
+        path.write_text(json.dumps(result))
+    after = study.summarize(study.load_results(settings, [0, 1], copy))["comparisons"][1]
+    assert after["accuracy_difference"] == pytest.approx(31.0)
+    assert after["verdict"] == "better" != before["verdict"]
+
+
+def test_two_local_workers_run_two_jobs_at_the_same_time(tmp_path):
+    settings = study.StudySettings(p_lasts=(0.5,), **TINY)
+    results = study.run_study(settings, 2, tmp_path, workers=2, device="cpu", progress=False)
+    (a_start, a_end), (b_start, b_end) = ((r["started_at"], r["finished_at"]) for r in results)
+    assert max(a_start, b_start) < min(a_end, b_end), "the two jobs did not overlap"
+    assert [r["threads"] for r in results] == [max(1, (study.os.cpu_count() or 1) // 2)] * 2  # a share of the CPU each
+
+
+def test_submitit_runs_the_jobs_as_local_processes(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setenv("PYTHONPATH", str(study.Path(study.__file__).parent))
+    settings = study.StudySettings(p_lasts=(0.5,), **TINY)
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=10)
+    results = study.run_study(settings, 1, tmp_path, executor=executor, device="cpu", progress=False)
+    assert results[0]["seed"] == 0 and len(results[0]["history"]["ResNet"]["test_acc"]) == settings.iterations
+
+
+def test_bad_settings_fail_up_front_naming_the_value():
+    with pytest.raises(ValueError, match="depth 6n \\+ 2.*got 9"):
+        study.StudySettings(layout="cifar", depth=9)
+    with pytest.raises(ValueError, match="p_last must be a probability in \\[0, 1\\], got 1.5"):
+        study.StudySettings(p_lasts=(0.5, 1.5))
+    with pytest.raises(ValueError, match="distinct"):
+        study.StudySettings(p_lasts=(0.5, 0.5))
+    with pytest.raises(ValueError, match="evaluations \\(700\\) cannot exceed iterations \\(600\\)"):
+        study.StudySettings(evaluations=700)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
+        study.StudySettings(dataset="cifar10")
+
+
+def test_a_result_file_of_other_settings_is_refused_by_name(tiny_study, tmp_path):
+    settings, output_dir, _ = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(output_dir, copy)
+    path = study.result_path(copy, settings, 0)
+    result = json.loads(path.read_text())
+    result["settings"]["iterations"] = 9
+    path.write_text(json.dumps(result))
+    with pytest.raises(ValueError, match="seed-0.json holds a run of other settings"):
+        study.load_results(settings, [0], copy)
+
+
+def test_estimate_uses_finished_runs_when_there_are_some(tiny_study):
+    settings, output_dir, results = tiny_study
+    assert study.estimate_job_seconds(settings, output_dir) == pytest.approx(np.median([r["wall_s"] for r in results]))
+
+
+def test_sampled_subnetworks_keep_blocks_as_drawn_and_restore_the_model(tiny_study):
+    settings, _, _ = tiny_study
+    model = settings.build_models(seed=0)["p_L=0.5"]
+    trained = model.survival_probabilities
+    import torch
+
+    keep = torch.tensor([True, False, True])
+    with study._fixed_subnetwork(model, keep):
+        assert model.survival_probabilities == [1.0, 0.0, 1.0]
+    assert model.survival_probabilities == trained
