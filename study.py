@@ -51,7 +51,9 @@ __all__ = [
     "StudySettings",
     "estimate_job_seconds",
     "fluctuation",
+    "holm_adjusted",
     "load_results",
+    "mean_interval",
     "minimum_detectable_difference",
     "missing_seeds",
     "paired_difference",
@@ -553,12 +555,30 @@ def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power:
     return float(optimize.brentq(shortfall, 0.0, high))
 
 
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean of `values` and its Student t confidence interval, as ``(mean, low, high)``.
+
+    The t interval fits a few runs whose spread is unknown. When every value is the same the
+    interval has zero width; with one value it is undefined (NaN).
+    """
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        raise ValueError("need at least one value")
+    mean = float(values.mean())
+    if len(values) == 1:
+        return mean, float("nan"), float("nan")
+    sd = float(values.std(ddof=1))
+    if sd == 0:
+        return mean, mean, mean
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sd / math.sqrt(len(values)))
+    return mean, float(low), float(high)
+
+
 def paired_difference(treatment: Sequence[float], control: Sequence[float], confidence: float = CONFIDENCE) -> dict:
     """Mean of ``treatment - control`` over paired runs, with a t confidence interval.
 
-    The t interval fits the design: the differences of a few seeds, each a paired comparison
-    from identical starting weights and batches, whose spread is unknown. When every
-    difference is the same the interval has zero width.
+    Each pair is one seed's comparison from identical starting weights and batches; the
+    interval is :func:`mean_interval` of the differences.
 
     Returns
     -------
@@ -569,17 +589,9 @@ def paired_difference(treatment: Sequence[float], control: Sequence[float], conf
         (interval holds 0).
     """
     differences = np.asarray(treatment, dtype=float) - np.asarray(control, dtype=float)
+    mean, low, high = mean_interval(differences, confidence)
     n = len(differences)
-    if n == 0:
-        raise ValueError("need at least one pair")
-    mean = float(differences.mean())
     sd = float(differences.std(ddof=1)) if n > 1 else float("nan")
-    if sd == 0:
-        low = high = mean
-    elif n > 1:
-        low, high = (float(v) for v in stats.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n)))
-    else:
-        low = high = float("nan")
     if low > 0:
         verdict = "better"
     elif high < 0:
@@ -588,6 +600,32 @@ def paired_difference(treatment: Sequence[float], control: Sequence[float], conf
         verdict = "no difference"
     return {"mean": mean, "ci95": [low, high], "sd": sd, "n": n,
             "min_detectable": minimum_detectable_difference(sd, n), "verdict": verdict}
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values for testing several hypotheses at once.
+
+    The study compares each p_L with the plain ResNet: with four values, one of them reaching
+    p < 0.05 by chance is far likelier than 5%. Holm's adjustment keeps the chance of any false
+    "better" or "worse" at 5% without assuming the tests are independent.
+    """
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
+def _paired_t_p_value(differences: Sequence[float]) -> float:
+    differences = np.asarray(differences, dtype=float)
+    if len(differences) < 2:
+        return float("nan")
+    if np.all(differences == differences[0]):
+        return 1.0 if differences[0] == 0 else 0.0
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
 
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], confidence: float = CONFIDENCE) -> dict:
@@ -662,7 +700,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     For each p_L, paired across seeds:
 
     - ``accuracy_difference``: final whole-test accuracy, stochastic minus plain, in
-      percentage points, with ``ci95``, ``verdict`` and ``min_detectable`` (points);
+      percentage points, with ``ci95``, ``verdict`` and ``min_detectable`` (points), and the
+      paired t test's ``p_value`` and ``p_value_holm`` (adjusted for the number of p_L values);
     - ``fluctuation``: how much the per-iteration test-batch accuracy jumps
       (:func:`fluctuation`), as the ratio stochastic / plain, raw and without the part the two
       models share because they see the same test batch, in the first and second half of the
@@ -742,6 +781,10 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "step_time_ratio": step_ratio,
             "flop_floor": floors[p_last],
         })
+    holm = holm_adjusted([_paired_t_p_value(c["per_seed_differences"]) for c in comparisons])
+    for c, adjusted in zip(comparisons, holm):
+        c["p_value"] = _paired_t_p_value(c["per_seed_differences"])
+        c["p_value_holm"] = adjusted
     devices = sorted({f"{r['device_name']} ({r['device']}, torch {r['torch']})" for r in results})
     return {
         "settings": settings.to_dict(),
@@ -778,6 +821,10 @@ def verdict_lines(summary: dict[str, Any]) -> dict[str, list[str]]:
             verdict = f"no difference detectable with {n} seeds, too few to say how small a difference could be"
         else:
             verdict = f"stochastic depth is {c['verdict']}"
+        if len(summary["comparisons"]) > 1 and c["verdict"] != "no difference":
+            holds = "holds" if c["p_value_holm"] < 0.05 else "does not hold"
+            verdict += (f" (paired t test p = {c['p_value']:.3f}; after Holm's correction for "
+                        f"{len(summary['comparisons'])} values of p_L, p = {c['p_value_holm']:.3f}: it {holds})")
         lines["accuracy"].append(
             f"{p}: final whole-test accuracy {100 * c['stochastic_accuracy']:.2f}% vs {100 * c['plain_accuracy']:.2f}%, "
             f"difference {c['accuracy_difference']:+.2f} points, 95% CI {_interval(c['ci95'], '+.2f')}: {verdict}"
