@@ -5,7 +5,7 @@ PY = $(VENV)/bin/python
 # `make run PARAMS="-p p_last 0.8 -p dataset fashion-mnist"` passes notebook parameters to papermill.
 PARAMS ?=
 
-.PHONY: venv run test lab benchmark clean
+.PHONY: venv run study test lab benchmark clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ $(VENV)/.installed: requirements.txt
 run: venv
 	mkdir -p results
 	$(PY) -m papermill stochastic_depth.ipynb results/stochastic_depth.ipynb --cwd . $(PARAMS)
+
+# Execute the study notebook headless; with the committed runs in results/study it computes nothing.
+study: venv
+	mkdir -p results
+	$(PY) -m papermill stochastic_depth_study.ipynb results/stochastic_depth_study.ipynb --cwd . $(PARAMS)
 
 test: venv
 	$(PY) -m pytest -ra
