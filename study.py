@@ -893,6 +893,7 @@ def main() -> None:
     parser.add_argument("--dataset", default=defaults.dataset, choices=sorted(LOADERS))
     parser.add_argument("--evaluations", type=int, default=defaults.evaluations)
     parser.add_argument("--subnetworks", type=int, default=defaults.subnetworks)
+    parser.add_argument("--eval-samples", type=int, default=None, help="first N test images only (quick tries)")
     parser.add_argument("--seeds", type=int, default=5, help="how many seeds: 0, 1, ...")
     parser.add_argument("--workers", type=int, default=1, help="local processes running jobs at once")
     parser.add_argument("--executor", choices=["local", "submitit"], default="local",
@@ -905,7 +906,7 @@ def main() -> None:
     settings = StudySettings(
         layout=args.layout, depth=args.depth, survival_rule=args.survival_rule, p_lasts=tuple(args.p_lasts),
         iterations=args.iterations, batch_size=args.batch_size, dataset=args.dataset,
-        evaluations=args.evaluations, subnetworks=args.subnetworks,
+        evaluations=args.evaluations, subnetworks=args.subnetworks, eval_samples=args.eval_samples,
     )
     executor = None
     if args.executor == "submitit":

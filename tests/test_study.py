@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import Future
 
@@ -146,6 +148,27 @@ def test_a_study_killed_mid_way_computes_only_the_missing_runs(tiny_study, tmp_p
     assert executor.seeds == [1, 2]
     assert study.result_path(copy, settings, 0).stat().st_mtime_ns == kept
     assert deterministic_part(resumed[1]) == deterministic_part(results[1])
+
+
+def test_a_killed_study_process_resumes_with_only_the_missing_runs(tmp_path):
+    settings = study.StudySettings(p_lasts=(0.5,), **TINY)
+    command = [sys.executable, str(study.Path(study.__file__)), "--seeds", "3", "--device", "cpu",
+               "--output-dir", str(tmp_path), "--p-lasts", "0.5",
+               *[f"--{name.replace('_', '-')}={value}" for name, value in TINY.items()]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = study.result_path(tmp_path, settings, 0)
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.kill()  # SIGKILL: no clean-up, as when a machine is lost
+    process.wait()
+    assert first.exists(), "the first run never finished"
+    done = study.missing_seeds(settings, range(3), tmp_path)
+    assert 0 not in done
+    executor = RecordingExecutor()
+    results = study.run_study(settings, 3, tmp_path, executor=executor, progress=False)
+    assert executor.seeds == done
+    assert [r["seed"] for r in results] == [0, 1, 2]
 
 
 def test_an_interrupted_job_resumes_from_its_checkpoint_with_the_same_result(tiny_study, tmp_path, monkeypatch):
