@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mnist import Split
+from resnet_with_stochastic_depth import StochasticDepthState, stochastic_depth_state
 
 __all__ = [
     "METRICS",
@@ -275,9 +276,9 @@ def train_lockstep(
     ----------
     models : mapping of str to nn.Module
         Models by name, moved to `device`. Seed the global RNG before building them if their
-        initialisation must repeat. A model whose ``generator`` attribute is a
-        ``torch.Generator`` (e.g. a stochastic-depth network) has that generator's state
-        checkpointed and restored too.
+        initialisation must repeat. A model with stochastic depth (a ``StochasticResNet`` or
+        a model given ``add_stochastic_depth``) has its ``StochasticDepthState`` (generator
+        and drop warm-up scale) checkpointed and restored too.
     train, test : Split
         Training and test data, as returned by ``load_mnist``; copied to `device` once.
     iterations : int
@@ -432,7 +433,7 @@ def _rng_states(models: Mapping[str, nn.Module]) -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "models": {name: model.generator.get_state() for name, model in models.items() if _owns_generator(model)},
+        "models": {name: state.get_state() for name, state in _stochastic_depth_states(models).items()},
     }
 
 
@@ -440,12 +441,15 @@ def _set_rng_states(states: Mapping[str, Any], models: Mapping[str, nn.Module]) 
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
+    model_states = _stochastic_depth_states(models)
     for name, state in states["models"].items():
-        models[name].generator.set_state(state)
+        model_states[name].set_state(state)
 
 
-def _owns_generator(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "generator", None), torch.Generator)
+def _stochastic_depth_states(models: Mapping[str, nn.Module]) -> dict[str, StochasticDepthState]:
+    """The stochastic-depth state (generator, drop warm-up scale) of each model that has one."""
+    states = {name: stochastic_depth_state(model) for name, model in models.items()}
+    return {name: state for name, state in states.items() if state is not None}
 
 
 def _save_checkpoint(

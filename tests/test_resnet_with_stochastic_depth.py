@@ -199,7 +199,7 @@ def test_row_mode_runs_the_branch_only_on_kept_samples():
 
 def test_row_mode_output_matches_a_masked_reference():
     torch.manual_seed(0)
-    gate = StochasticDepth(0.6, mode="row", generator=torch.Generator().manual_seed(9))
+    gate = StochasticDepth(survival_prob=0.6, mode="row", generator=torch.Generator().manual_seed(9))
     x = torch.randn(16, 3)
     weight = torch.randn(3, 3)
     out = gate(lambda t: t @ weight, x, shortcut=x)
@@ -235,7 +235,7 @@ def test_eval_matches_hand_built_reference_and_is_deterministic():
 
 @pytest.mark.parametrize("inverted", [False, True])
 def test_training_output_equals_test_output_in_expectation(inverted):
-    gate = StochasticDepth(0.3, inverted=inverted, generator=torch.Generator().manual_seed(11))
+    gate = StochasticDepth(survival_prob=0.3, inverted=inverted, generator=torch.Generator().manual_seed(11))
     x = torch.tensor([1.0, -2.0])
     residual = torch.tensor([4.0, 8.0])
     draws = 20000

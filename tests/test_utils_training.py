@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import utils
+from resnet_with_stochastic_depth import StochasticDepthState
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DETERMINISTIC = [m for m in utils.METRICS if m != "step_time"]  # step_time is a wall clock
@@ -113,17 +114,18 @@ class Linear(nn.Module):
 
 
 class RandomMask(nn.Module):
-    """Owns a generator that decides, every training step, which inputs to drop (like dropped blocks)."""
+    """Drops random inputs every training step, drawn from a StochasticDepthState's generator
+    (as a stochastic-depth model's gates are), which the trainer must checkpoint."""
 
     def __init__(self, seed=0):
         super().__init__()
-        self.generator = torch.Generator().manual_seed(seed)
+        self.drops = StochasticDepthState(torch.Generator().manual_seed(seed))
         self.linear = nn.Linear(784, 10)
 
     def forward(self, images):
         images = images.flatten(1)
         if self.training:
-            keep = torch.rand(images.shape[1], generator=self.generator) < 0.5
+            keep = torch.rand(images.shape[1], generator=self.drops.generator) < 0.5
             images = images * keep.to(images.device)
         return self.linear(images)
 
