@@ -29,7 +29,9 @@ Public API
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Self
 
@@ -48,6 +50,7 @@ __all__ = [
     "StochasticDepthState",
     "StochasticResNet",
     "add_stochastic_depth",
+    "compile_branches",
     "linear_drop_warmup",
     "stochastic_depth_gates",
     "stochastic_depth_state",
@@ -431,16 +434,19 @@ class _ResidualBlock(nn.Module):
 
     downsample: nn.Module | None
     stochastic_depth: StochasticDepth | None
+    # Set by compile_branches: torch.compile of the class's `branch`, called with the block.
+    compiled_branch: Callable[[_ResidualBlock, Tensor], Tensor] | None = None
 
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
+        branch = self.branch if self.compiled_branch is None else functools.partial(self.compiled_branch, self)
         if self.stochastic_depth is None:
-            out = shortcut + self.branch(x)
+            out = shortcut + branch(x)
         else:
-            out = self.stochastic_depth(self.branch, x, shortcut)
+            out = self.stochastic_depth(branch, x, shortcut)
         # A dropped block with an identity shortcut hands back x itself, which autograd
         # still needs: that one must not be overwritten by the in-place ReLU.
         return torch.relu(out) if out is x else self.relu(out)
@@ -812,6 +818,52 @@ def stochastic_depth_gates(model: nn.Module) -> list[StochasticDepth]:
 def stochastic_depth_state(model: nn.Module) -> StochasticDepthState | None:
     """The :class:`StochasticDepthState` that drives `model`'s gates, or None if it has none."""
     return next((m for m in model.modules() if isinstance(m, StochasticDepthState)), None)
+
+
+def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
+    """Regional compilation: ``torch.compile`` each residual branch, leaving the gates eager.
+
+    Compiling the whole model makes every gate a graph break and gives dynamo one frame
+    per block, which reaches its recompile limit in a deep network and runs the rest
+    eagerly. Here only the branches (convolutions, BatchNorms, ReLUs) are compiled, and
+    blocks whose branches have the same layers (same class, channels and stride) share
+    one compiled function: a ResNet-110 compiles 5 branches, a ResNet-152 8, each with
+    its own dynamo cache, so no recompile limit is reached (dynamo's limit counts the
+    variants of one function, and parameter shapes are always specialised). The
+    decisions, the gathering of kept samples and the shortcut addition run eagerly in
+    between; dropped blocks are still skipped.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A network with this module's residual blocks (a ``ResNet``, a ``StochasticResNet``
+        or a model given ``add_stochastic_depth``), changed in place.
+    **options
+        Passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, _ResidualBlock)]
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no residual blocks of this module to compile")
+    compiled: dict[tuple[str, ...], Callable[[_ResidualBlock, Tensor], Tensor]] = {}
+    for block in blocks:
+        layers = tuple(repr(m) for name, m in block.named_children() if name not in ("downsample", "stochastic_depth"))
+        key = (type(block).__name__, *layers)
+        if key not in compiled:
+            compiled[key] = torch.compile(_branch_function(type(block), len(compiled)), **options)
+        block.compiled_branch = compiled[key]
+    return model
+
+
+def _branch_function(kind: type[_ResidualBlock], index: int) -> Callable[[_ResidualBlock, Tensor], Tensor]:
+    """``kind.branch`` as a new function with its own code object, hence its own dynamo cache."""
+    function = kind.branch
+    code = function.__code__.replace(co_name=f"{function.__name__}_{index}")
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
 def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabilities: Sequence[float]) -> dict[str, float]:
