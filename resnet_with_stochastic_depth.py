@@ -827,7 +827,7 @@ def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
     per block, which reaches its recompile limit in a deep network and runs the rest
     eagerly. Here only the branches (convolutions, BatchNorms, ReLUs) are compiled, and
     blocks whose branches have the same layers (same class, channels and stride) share
-    one compiled function: a ResNet-110 compiles 5 branches, a ResNet-152 8, each with
+    one compiled function, also across models (a ``ResNet`` and its stochastic twin): a ResNet-110 compiles 5 branches, a ResNet-152 8, each with
     its own dynamo cache, so no recompile limit is reached (dynamo's limit counts the
     variants of one function, and parameter shapes are always specialised). The
     decisions, the gathering of kept samples and the shortcut addition run eagerly in
@@ -849,14 +849,18 @@ def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
     blocks = [m for m in model.modules() if isinstance(m, _ResidualBlock)]
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no residual blocks of this module to compile")
-    compiled: dict[tuple[str, ...], Callable[[_ResidualBlock, Tensor], Tensor]] = {}
     for block in blocks:
         layers = tuple(repr(m) for name, m in block.named_children() if name not in ("downsample", "stochastic_depth"))
-        key = (type(block).__name__, *layers)
-        if key not in compiled:
-            compiled[key] = torch.compile(_branch_function(type(block), len(compiled)), **options)
-        block.compiled_branch = compiled[key]
+        key = (type(block).__qualname__, *layers, repr(sorted(options.items())))
+        if key not in _COMPILED_BRANCHES:
+            _COMPILED_BRANCHES[key] = torch.compile(_branch_function(type(block), len(_COMPILED_BRANCHES)), **options)
+        block.compiled_branch = _COMPILED_BRANCHES[key]
     return model
+
+
+# Compiled branches by block class, layers and options: models of the same shapes (a ResNet
+# and its stochastic twin, a deepcopy) share them, and each is compiled once per process.
+_COMPILED_BRANCHES: dict[tuple[str, ...], Callable[[_ResidualBlock, Tensor], Tensor]] = {}
 
 
 def _branch_function(kind: type[_ResidualBlock], index: int) -> Callable[[_ResidualBlock, Tensor], Tensor]:
