@@ -25,6 +25,12 @@ Public API
 ``add_stochastic_depth``
     Turns a torchvision ResNet (or a ``ResNet`` from here) into a stochastic one,
     keeping its weights.
+``compile_branches``
+    Regional compilation: ``torch.compile`` the residual branches, gates left eager.
+``linear_drop_warmup``
+    The drop warm-up schedule of ``StochasticDepthState.drop_scale``.
+``training_flop_floor``
+    The fraction of a plain training step's FLOPs that stochastic depth still computes.
 """
 
 from __future__ import annotations

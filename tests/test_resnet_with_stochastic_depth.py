@@ -431,7 +431,7 @@ def test_deepcopy_and_generator_state_round_trip():
     assert torch.equal(active_sequence(model, x, 20), first)
 
 
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
 def test_channels_last_gives_the_same_results(mode):
     _, model = tiny_pair(mode=mode, seed=0)
     twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -444,7 +444,7 @@ def test_channels_last_gives_the_same_results(mode):
     torch.testing.assert_close(twin(x.to(memory_format=torch.channels_last)), model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
 def test_bfloat16_autocast_on_cpu(mode):
     _, model = tiny_pair(mode=mode, p_last=0.5)
     x, y = batch(8)
