@@ -16,18 +16,30 @@ Public API
     ``StochasticResNet``.
 ``StochasticDepth``
     The gate that wraps one residual block's branch.
+``StochasticDepthState``, ``stochastic_depth_state``
+    What drives a model's gates: its generator, the drop warm-up scale, and the
+    decisions drawn once per forward pass (so that activation checkpointing
+    recomputes a block with the same decision).
 ``survival_probabilities``
     The paper's linear-decay rule, the uniform rule or an explicit sequence.
 ``add_stochastic_depth``
     Turns a torchvision ResNet (or a ``ResNet`` from here) into a stochastic one,
     keeping its weights.
+``compile_branches``
+    Regional compilation: ``torch.compile`` the residual branches, gates left eager.
+``linear_drop_warmup``
+    The drop warm-up schedule of ``StochasticDepthState.drop_scale``.
+``training_flop_floor``
+    The fraction of a plain training step's FLOPs that stochastic depth still computes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal, Self
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +52,21 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "StochasticDepth",
+    "Decision",
+    "StochasticDepthState",
     "StochasticResNet",
     "add_stochastic_depth",
+    "compile_branches",
+    "linear_drop_warmup",
     "stochastic_depth_gates",
+    "stochastic_depth_state",
     "training_flop_floor",
     "survival_probabilities",
 ]
 
 SurvivalRule = Literal["linear", "uniform"] | Sequence[float]
-DropMode = Literal["batch", "row"]
+DropMode = Literal["batch", "row", "row_subset"]
+DROP_MODES = ("batch", "row", "row_subset")
 
 
 # ----------------------------------------------------------------------------------
@@ -61,6 +79,12 @@ def _check_probability(value: float, name: str) -> float:
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     return value
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in DROP_MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {DROP_MODES}")
+    return mode
 
 
 def survival_probabilities(
@@ -114,31 +138,86 @@ def survival_probabilities(
 
 
 # ----------------------------------------------------------------------------------
-# The gate
+# The gate, and the state a model's gates share
 # ----------------------------------------------------------------------------------
+
+
+class Decision(NamedTuple):
+    """One gate's draw for one forward pass of its model.
+
+    ``active``: a bool scalar (``"batch"``) or one bool per sample (the row modes).
+    ``survival_prob``: the survival probability it was drawn with (``p_l``, or less
+    during a drop warm-up), which the training-time scaling uses.
+    """
+
+    active: Tensor
+    survival_prob: float
+
+
+def _subset_size(batch_size: int, survival_prob: float) -> int:
+    """``k = round(B p)`` samples, at least one unless ``p == 0`` (DINOv2's rule)."""
+    if survival_prob == 0.0:
+        return 0
+    return min(batch_size, max(1, math.floor(batch_size * survival_prob + 0.5)))
+
+
+def _stochastic_depth_cannot_train_traced(shortcut: Tensor) -> Tensor:
+    raise RuntimeError(
+        "this model was traced by torch.fx in training mode, where a trace would freeze one draw "
+        "of which residual blocks run. Trace it in eval mode (model.eval()), where every block "
+        "runs, and use the traced model for inference or feature extraction; train the original "
+        "model (torch.compile it with compile_branches to compile it)."
+    )
+
+
+# A call to this function becomes a node of an fx graph instead of being run while tracing, so
+# that tracing in training mode succeeds (torchvision's create_feature_extractor traces both
+# modes) and running that graph raises the error above.
+torch.fx.wrap("_stochastic_depth_cannot_train_traced")
 
 
 class StochasticDepth(nn.Module):
     """Randomly bypasses one residual branch: ``shortcut + gate(branch(x))``.
 
-    Training, ``mode="batch"`` (the paper): one Bernoulli(``survival_prob``) draw per
-    forward pass decides for the whole mini-batch. A dropped branch is not called,
-    so it costs nothing and its parameters get no gradient.
-    Training, ``mode="row"`` (torchvision's name; timm's ``DropPath``): each sample
-    decides on its own, and the branch runs only on the samples that keep it.
+    Training modes (``survival_prob`` is the probability of *keeping* the branch; the
+    argument is keyword-only because torchvision's ``StochasticDepth(p, mode)`` takes
+    the probability of *dropping* it):
+
+    ``"batch"`` (the paper)
+        One Bernoulli(``survival_prob``) draw per forward pass decides for the whole
+        mini-batch. A dropped branch is not called: it costs nothing and its
+        parameters get no gradient.
+    ``"row"`` (torchvision's ``mode="row"``, timm's ``DropPath``)
+        An independent Bernoulli(``survival_prob``) draw per sample; the branch runs
+        only on the samples that keep it, so its batch size changes every step.
+    ``"row_subset"`` (DINOv2's sample drop)
+        Exactly ``k = round(B * survival_prob)`` samples (at least one, unless the
+        probability is 0), chosen without replacement, keep the branch, which runs on
+        those ``k``: the same shape every step, so it saves work on a GPU too. The
+        kept residuals are scaled by ``survival_prob * B / k`` (``B / k`` when
+        ``inverted``), so the expected output is the same as in the other modes.
+        Samples are not independent (exactly ``k`` survive).
+
     Evaluation: the branch always runs, scaled by ``survival_prob`` (the paper's test
     rule), or unscaled when ``inverted=True``, in which case a surviving branch is
     scaled by ``1 / survival_prob`` while training instead. Both conventions give
-    the same expected output.
+    the same expected output. A branch with ``survival_prob == 0`` is left out.
+
+    Inside a model built by ``StochasticResNet`` or ``add_stochastic_depth`` the
+    model draws every gate's decision once at the start of its forward pass and the
+    gate holds it (``decision``) until the next pass, so a block recomputed within
+    the pass (activation checkpointing) makes the same choice. A gate used on its
+    own draws at each call.
 
     The gate has no parameters or buffers, so it leaves ``state_dict`` unchanged.
 
     Parameters
     ----------
     survival_prob : float
-        Probability in [0, 1] that the branch is computed in a training pass.
-    mode : {"batch", "row"}
-        One draw per mini-batch or one per sample.
+        Keyword-only. Probability in [0, 1] that the branch is computed in a
+        training pass (``p_l``; ``1 - p`` in torchvision's terms).
+    mode : {"batch", "row", "row_subset"}
+        See above.
     inverted : bool
         Use the inverted scaling (``1 / p`` while training, none at test).
     generator : torch.Generator, optional
@@ -149,21 +228,45 @@ class StochasticDepth(nn.Module):
 
     def __init__(
         self,
+        *,
         survival_prob: float,
         mode: DropMode = "batch",
         inverted: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("batch", "row"):
-            raise ValueError(f"unknown mode {mode!r}: expected 'batch' or 'row'")
         self.survival_prob = _check_probability(survival_prob, "survival_prob")
-        self.mode = mode
+        self.mode = _check_mode(mode)
         self.inverted = bool(inverted)
         self.generator = generator
+        # Set by the model that draws for this gate (add_stochastic_depth): the decision
+        # held for the current forward pass. None: the gate draws at each call.
+        self.decision: Decision | None = None
+        self.drawn_by_model = False
         # What the last forward pass computed: a bool scalar ("batch") or one bool per
-        # sample ("row"). All True in evaluation, except for a block with p = 0.
+        # sample (row modes). All True in evaluation, except for a block with p = 0.
         self.last_active: Tensor | None = None
+
+    def draw(self, batch_size: int, drop_scale: float = 1.0) -> Decision:
+        """Draw which samples keep the branch in one training pass.
+
+        Parameters
+        ----------
+        batch_size : int
+            Samples in the pass (unused in ``"batch"`` mode).
+        drop_scale : float
+            Fraction of the drop probability ``1 - survival_prob`` to apply: 0 keeps
+            every branch, 1 (the default) is the target rate; a drop warm-up ramps it.
+        """
+        p = 1.0 - drop_scale * (1.0 - self.survival_prob)
+        if self.mode == "batch":
+            active = torch.rand((), generator=self.generator) < p
+        elif self.mode == "row":
+            active = torch.rand(batch_size, generator=self.generator) < p
+        else:
+            chosen = torch.randperm(batch_size, generator=self.generator)[: _subset_size(batch_size, p)]
+            active = torch.zeros(batch_size, dtype=torch.bool).index_fill_(0, chosen, True)
+        return Decision(active, p)
 
     def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
         p = self.survival_prob
@@ -173,21 +276,23 @@ class StochasticDepth(nn.Module):
                 return shortcut
             residual = branch(x)
             return shortcut + (residual if self.inverted or p == 1.0 else residual * p)
+        if isinstance(x, torch.fx.Proxy):
+            return _stochastic_depth_cannot_train_traced(shortcut)
 
+        decision = self._decision_for(x.shape[0])
+        keep = self.last_active = decision.active
         if self.mode == "batch":
-            keep = torch.rand((), generator=self.generator) < p
-            self.last_active = keep
             if not keep:
                 return shortcut
-            return shortcut + self._train_scale(branch(x))
+            return shortcut + self._train_scale(branch(x), decision.survival_prob, decision.survival_prob)
 
-        keep = torch.rand(x.shape[0], generator=self.generator) < p
-        self.last_active = keep
         kept = keep.nonzero().squeeze(1)
         if len(kept) == 0:
             return shortcut
+        # Each sample keeps the branch with probability p ("row") or k / B ("row_subset").
+        inclusion = decision.survival_prob if self.mode == "row" else len(kept) / len(keep)
         if len(kept) == len(keep):
-            return shortcut + self._train_scale(branch(x))
+            return shortcut + self._train_scale(branch(x), decision.survival_prob, inclusion)
         if x.is_cuda:
             # A copy from pageable memory waits for the GPU to finish all queued work;
             # from pinned memory it does not.
@@ -199,13 +304,119 @@ class StochasticDepth(nn.Module):
             # BatchNorm cannot normalise one sample on 1x1 feature maps: for this rare
             # case the branch runs on the whole batch and we keep the one row.
             residual = branch(x).index_select(0, kept)
-        return shortcut.index_add(0, kept, self._train_scale(residual).to(shortcut.dtype))
+        residual = self._train_scale(residual, decision.survival_prob, inclusion)
+        return shortcut.index_add(0, kept, residual.to(shortcut.dtype))
 
-    def _train_scale(self, residual: Tensor) -> Tensor:
-        return residual / self.survival_prob if self.inverted else residual
+    def _decision_for(self, batch_size: int) -> Decision:
+        if not self.drawn_by_model:
+            return self.draw(batch_size)
+        if self.decision is None:
+            raise RuntimeError(
+                "this StochasticDepth gate belongs to a model that draws its decisions at the start "
+                "of its forward pass, and none was drawn: call the model, not the block on its own"
+            )
+        if self.mode != "batch" and len(self.decision.active) != batch_size:
+            raise RuntimeError(
+                f"this gate's decision was drawn for a batch of {len(self.decision.active)} samples, "
+                f"but its block got {batch_size}: call the model, not the block on its own"
+            )
+        return self.decision
+
+    def _train_scale(self, residual: Tensor, survival_prob: float, inclusion: float) -> Tensor:
+        """A kept residual while training, scaled so that its expectation is ``p * residual``.
+
+        (``residual`` itself when ``inverted``.) `inclusion` is the probability that a
+        sample kept the branch: `survival_prob` in "batch" and "row", ``k / B`` in
+        "row_subset".
+        """
+        scale = (1.0 if self.inverted else survival_prob) / inclusion
+        return residual if scale == 1.0 else residual * scale
 
     def extra_repr(self) -> str:
         return f"survival_prob={self.survival_prob:.4f}, mode={self.mode}, inverted={self.inverted}"
+
+
+class StochasticDepthState(nn.Module):
+    """What drives a model's gates: the generator, the drop warm-up scale, the pass's decisions.
+
+    ``add_stochastic_depth`` (and so ``StochasticResNet``) gives a model one, as its
+    ``stochastic_depth_state`` submodule, and a forward pre-hook that calls
+    :meth:`draw` at the start of every training forward pass: every gate's decision
+    for that pass is drawn at once, in block order, and held until the next pass.
+    Get it with :func:`stochastic_depth_state`.
+
+    It has no parameters or buffers, so the model's ``state_dict`` keeps torchvision's
+    keys; :meth:`get_state` and :meth:`set_state` save and restore what it holds (the
+    generator's state and ``drop_scale``), as a trainer's checkpoint should.
+
+    Parameters
+    ----------
+    generator : torch.Generator
+        The CPU generator every gate of the model draws from.
+
+    Attributes
+    ----------
+    drop_scale : float
+        Fraction of each gate's drop probability ``1 - p_l`` applied in training, in
+        [0, 1]: 1 (the default) is the target rate, 0 drops nothing. A drop warm-up
+        (``train_lockstep(drop_warmup_steps=...)``) raises it from 0 to 1; see
+        :func:`linear_drop_warmup`.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.generator = generator
+        self._drop_scale = 1.0
+
+    @property
+    def drop_scale(self) -> float:
+        return self._drop_scale
+
+    @drop_scale.setter
+    def drop_scale(self, value: float) -> None:
+        self._drop_scale = _check_probability(value, "drop_scale")
+
+    @torch.compiler.disable  # random draws on a CPU generator: eager, also under torch.compile
+    def draw(self, gates: Sequence[StochasticDepth], batch_size: int) -> list[Decision]:
+        """Draw every training gate's decision for one forward pass, and hand each its own."""
+        decisions = []
+        for gate in gates:
+            if gate.training:
+                gate.decision = gate.draw(batch_size, self._drop_scale)
+                decisions.append(gate.decision)
+        return decisions
+
+    def get_state(self) -> dict[str, Any]:
+        """``{"generator": its state, "drop_scale": float}``: all it needs to continue exactly."""
+        return {"generator": self.generator.get_state(), "drop_scale": self._drop_scale}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`get_state` returned."""
+        self.generator.set_state(state["generator"])
+        self.drop_scale = state["drop_scale"]
+
+    def extra_repr(self) -> str:
+        return f"drop_scale={self._drop_scale:g}"
+
+
+def _draw_decisions(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of a model with stochastic depth: one draw per gate per pass."""
+    state = stochastic_depth_state(model)
+    if state is None:
+        return
+    batch_size = args[0].shape[0] if args and isinstance(args[0], Tensor) else 0
+    state.draw(stochastic_depth_gates(model), batch_size)
+
+
+def linear_drop_warmup(step: int, warmup_steps: int) -> float:
+    """``drop_scale`` after `step` training steps of a linear drop warm-up over `warmup_steps`.
+
+    0 at step 0 (no block dropped), rising linearly to 1 (the target drop rates) at
+    `warmup_steps` and staying there; 1 throughout when `warmup_steps` is 0.
+    """
+    if warmup_steps < 0 or step < 0:
+        raise ValueError(f"step and warmup_steps must be non-negative, got {step} and {warmup_steps}")
+    return 1.0 if step >= warmup_steps else step / warmup_steps
 
 
 # ----------------------------------------------------------------------------------
@@ -229,16 +440,19 @@ class _ResidualBlock(nn.Module):
 
     downsample: nn.Module | None
     stochastic_depth: StochasticDepth | None
+    # Set by compile_branches: torch.compile of the class's `branch`, called with the block.
+    compiled_branch: Callable[[_ResidualBlock, Tensor], Tensor] | None = None
 
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
+        branch = self.branch if self.compiled_branch is None else functools.partial(self.compiled_branch, self)
         if self.stochastic_depth is None:
-            out = shortcut + self.branch(x)
+            out = shortcut + branch(x)
         else:
-            out = self.stochastic_depth(self.branch, x, shortcut)
+            out = self.stochastic_depth(branch, x, shortcut)
         # A dropped block with an identity shortcut hands back x itself, which autograd
         # still needs: that one must not be overwritten by the in-place ReLU.
         return torch.relu(out) if out is x else self.relu(out)
@@ -431,7 +645,8 @@ class ResNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, _ResidualBlock)]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        # (torch.fx traces with a Proxy, whose shape is unknown: no check then.)
+        if not isinstance(x, torch.fx.Proxy) and (x.dim() != 4 or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"expected a 4-D input of shape (batch, {self.in_channels}, height, width), "
                 f"got shape {tuple(x.shape)}"
@@ -458,14 +673,21 @@ class StochasticResNet(ResNet):
         See ``survival_probabilities``; blocks are numbered in forward order.
     p_last : float
         ``p_L``, the survival probability of the last block (paper: 0.5).
-    mode : {"batch", "row"}
-        One draw per mini-batch (the paper) or per sample.
+    mode : {"batch", "row", "row_subset"}
+        One draw per mini-batch (the paper), one Bernoulli draw per sample, or a
+        fixed-size random subset of the samples; see ``StochasticDepth``.
     inverted : bool
         Scale by ``1 / p_l`` while training instead of by ``p_l`` at test time.
     seed : int, optional
         Seed of the generator that draws the gates. By default it is drawn from
         torch's global generator after the weights are initialised, so
         ``torch.manual_seed`` makes the whole model reproducible.
+
+    Notes
+    -----
+    Every training forward pass starts by drawing all gates' decisions at once
+    (``stochastic_depth_state``, a submodule), and each block uses its decision for the
+    whole pass: a block recomputed by activation checkpointing makes the same choice.
 
     Examples
     --------
@@ -488,6 +710,11 @@ class StochasticResNet(ResNet):
         add_stochastic_depth(self, survival_rule, p_last, mode=mode, inverted=inverted, seed=seed)
 
     @property
+    def generator(self) -> torch.Generator:
+        """The CPU generator the gates draw from (``stochastic_depth_state.generator``)."""
+        return self.stochastic_depth_state.generator
+
+    @property
     def survival_probabilities(self) -> list[float]:
         """``p_l`` of each residual block, in forward order."""
         return [gate.survival_prob for gate in stochastic_depth_gates(self)]
@@ -501,8 +728,8 @@ class StochasticResNet(ResNet):
     def active_blocks(self) -> Tensor | None:
         """Which blocks ran in the last forward pass.
 
-        A bool tensor of shape ``(L,)`` in ``"batch"`` mode, ``(L, batch)`` in ``"row"``
-        mode, or None before the first forward pass.
+        A bool tensor of shape ``(L,)`` in ``"batch"`` mode, ``(L, batch)`` in the row
+        modes, or None before the first forward pass.
         """
         active = [gate.last_active for gate in stochastic_depth_gates(self)]
         return None if any(a is None for a in active) else torch.stack(active)
@@ -544,8 +771,11 @@ def add_stochastic_depth(
     Works on torchvision's ResNets (``BasicBlock`` and ``Bottleneck``) and on this
     module's. Weights, ``state_dict`` keys and the model's class stay as they were;
     torchvision's blocks are swapped for equivalent ones of this module that hold the
-    very same submodules. The model gets a ``generator`` attribute that drives the
-    gates.
+    very same submodules. The model gets a ``stochastic_depth_state`` submodule
+    (:class:`StochasticDepthState`: the generator, the drop warm-up scale) and a
+    forward pre-hook that draws all gates' decisions at the start of each training
+    pass, exactly as a ``StochasticResNet``. Calling it again on the same model
+    replaces the gates and the state.
 
     Parameters
     ----------
@@ -559,6 +789,8 @@ def add_stochastic_depth(
     torch.nn.Module
         ``model`` itself.
     """
+    # Check everything before changing the model, so that a bad argument leaves it as it was.
+    _check_mode(mode)
     block_types = (_ResidualBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
     parents = [
         (parent, name, child)
@@ -568,20 +800,80 @@ def add_stochastic_depth(
     ]
     if not parents:
         raise TypeError(f"{type(model).__name__} has no residual blocks to add stochastic depth to")
+    blocks = [_as_residual_block(child) for _, _, child in parents]
     probs = survival_probabilities(len(parents), survival_rule, p_last)
+
     if seed is None:
         seed = int(torch.randint(2**62, ()).item())
-    model.generator = torch.Generator().manual_seed(seed)
-    for (parent, name, child), p in zip(parents, probs):
-        block = _as_residual_block(child)
-        block.stochastic_depth = StochasticDepth(p, mode, inverted, model.generator)
+    generator = torch.Generator().manual_seed(seed)
+    model.stochastic_depth_state = StochasticDepthState(generator)
+    for (parent, name, _), block, p in zip(parents, blocks, probs):
+        block.stochastic_depth = StochasticDepth(survival_prob=p, mode=mode, inverted=inverted, generator=generator)
+        block.stochastic_depth.drawn_by_model = True
         setattr(parent, name, block)
+    if _draw_decisions not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_draw_decisions)
     return model
 
 
 def stochastic_depth_gates(model: nn.Module) -> list[StochasticDepth]:
     """The ``StochasticDepth`` gates of a model, in forward (block) order."""
     return [m for m in model.modules() if isinstance(m, StochasticDepth)]
+
+
+def stochastic_depth_state(model: nn.Module) -> StochasticDepthState | None:
+    """The :class:`StochasticDepthState` that drives `model`'s gates, or None if it has none."""
+    return next((m for m in model.modules() if isinstance(m, StochasticDepthState)), None)
+
+
+def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
+    """Regional compilation: ``torch.compile`` each residual branch, leaving the gates eager.
+
+    Compiling the whole model makes every gate a graph break and gives dynamo one frame
+    per block, which reaches its recompile limit in a deep network and runs the rest
+    eagerly. Here only the branches (convolutions, BatchNorms, ReLUs) are compiled, and
+    blocks whose branches have the same layers (same class, channels and stride) share
+    one compiled function, also across models (a ``ResNet`` and its stochastic twin): a ResNet-110 compiles 5 branches, a ResNet-152 8, each with
+    its own dynamo cache, so no recompile limit is reached (dynamo's limit counts the
+    variants of one function, and parameter shapes are always specialised). The
+    decisions, the gathering of kept samples and the shortcut addition run eagerly in
+    between; dropped blocks are still skipped.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A network with this module's residual blocks (a ``ResNet``, a ``StochasticResNet``
+        or a model given ``add_stochastic_depth``), changed in place.
+    **options
+        Passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, _ResidualBlock)]
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no residual blocks of this module to compile")
+    for block in blocks:
+        layers = tuple(repr(m) for name, m in block.named_children() if name not in ("downsample", "stochastic_depth"))
+        key = (type(block).__qualname__, *layers, repr(sorted(options.items())))
+        if key not in _COMPILED_BRANCHES:
+            _COMPILED_BRANCHES[key] = torch.compile(_branch_function(type(block), len(_COMPILED_BRANCHES)), **options)
+        block.compiled_branch = _COMPILED_BRANCHES[key]
+    return model
+
+
+# Compiled branches by block class, layers and options: models of the same shapes (a ResNet
+# and its stochastic twin, a deepcopy) share them, and each is compiled once per process.
+_COMPILED_BRANCHES: dict[tuple[str, ...], Callable[[_ResidualBlock, Tensor], Tensor]] = {}
+
+
+def _branch_function(kind: type[_ResidualBlock], index: int) -> Callable[[_ResidualBlock, Tensor], Tensor]:
+    """``kind.branch`` as a new function with its own code object, hence its own dynamo cache."""
+    function = kind.branch
+    code = function.__code__.replace(co_name=f"{function.__name__}_{index}")
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
 def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabilities: Sequence[float]) -> dict[str, float]:

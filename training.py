@@ -27,10 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mnist import Split
+from resnet_with_stochastic_depth import StochasticDepthState, linear_drop_warmup, stochastic_depth_state
 
 __all__ = [
     "METRICS",
     "BatchSampler",
+    "CheckpointError",
     "History",
     "NonFiniteLossError",
     "pick_device",
@@ -241,9 +243,25 @@ class History:
 
 
 class NonFiniteLossError(RuntimeError):
-    """A model's loss became NaN or infinite; `history` holds the iterations before it."""
+    """A model's loss became NaN or infinite; `history` holds the iterations before it.
+
+    No model has taken that iteration's optimizer step: every model's parameters and
+    optimizer state are those after the last iteration in `history`.
+    """
 
     def __init__(self, message: str, history: History) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or written; the message names the file.
+
+    When writing failed during training, `history` holds every iteration recorded so far
+    (the models have taken all their steps); when reading failed, `history` is None.
+    """
+
+    def __init__(self, message: str, history: History | None = None) -> None:
         super().__init__(message)
         self.history = history
 
@@ -262,6 +280,7 @@ def train_lockstep(
     checkpoint_path: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume_from: str | Path | None = None,
+    drop_warmup_steps: int = 0,
     progress: bool = True,
     on_iteration: Callable[[int, Mapping[str, nn.Module]], None] | None = None,
 ) -> History:
@@ -270,23 +289,26 @@ def train_lockstep(
     At each iteration every model takes one optimizer step (cross-entropy loss) on the same
     training batch, then every model is evaluated, in eval mode and without gradients, on
     the same test batch. On CPU two runs with the same seed give the same history, apart
-    from the measured `step_time`.
+    from the measured `step_time`. Every model computes its loss and gradients before any
+    takes its optimizer step, so that a non-finite loss stops the run with all models at
+    the same iteration. Arguments are checked before the first step.
 
     Parameters
     ----------
     models : mapping of str to nn.Module
         Models by name, moved to `device`. Seed the global RNG before building them if their
-        initialisation must repeat. A model whose ``generator`` attribute is a
-        ``torch.Generator`` (e.g. a stochastic-depth network) has that generator's state
-        checkpointed and restored too.
+        initialisation must repeat. A model with stochastic depth (a ``StochasticResNet`` or
+        a model given ``add_stochastic_depth``) has its ``StochasticDepthState`` (generator
+        and drop warm-up scale) checkpointed and restored too.
     train, test : Split
         Training and test data, as returned by ``load_mnist``; copied to `device` once.
     iterations : int
-        Total number of iterations, counting those done before a resumed checkpoint.
+        Total number of iterations, counting those done before a resumed checkpoint
+        (so at least as many as the checkpoint holds).
     batch_size : int
         Training batch size.
     test_batch_size : int, optional
-        Test batch size; defaults to `batch_size`.
+        Test batch size; defaults to `batch_size` (None only: 0 is an error).
     optimizer : callable
         Makes an optimizer from a model's parameters; Adam with lr=1e-3 by default.
     device : str or torch.device, optional
@@ -294,13 +316,20 @@ def train_lockstep(
     seed : int
         Seeds the batch order and the global torch RNG (dropout and the like).
     checkpoint_path : str or Path, optional
-        Where to save a checkpoint (models, optimizers, RNG states, batch positions, history):
-        every `checkpoint_every` iterations, at the end, and when interrupted.
+        Where to save a checkpoint (models, optimizers, RNG states, stochastic-depth states,
+        batch positions, history, `drop_warmup_steps`): every `checkpoint_every` iterations,
+        at the end, and when interrupted. Its folder must exist.
     checkpoint_every : int, optional
         Checkpoint interval in iterations; needs `checkpoint_path`.
     resume_from : str or Path, optional
         A checkpoint to continue from; the models must have the same names and shapes.
         A resumed run ends with the same history as one never interrupted.
+    drop_warmup_steps : int
+        Drop warm-up of the stochastic-depth models: their drop rates rise linearly from 0
+        (no block dropped) at iteration 1 to their targets at iteration
+        ``drop_warmup_steps + 1`` (``StochasticDepthState.drop_scale``, set before each
+        iteration by :func:`~resnet_with_stochastic_depth.linear_drop_warmup`). 0: none, and
+        ``drop_scale`` is left as it is. A resumed run must use the checkpoint's value.
     progress : bool
         Show a tqdm progress bar with the latest test accuracies.
     on_iteration : callable, optional
@@ -317,22 +346,39 @@ def train_lockstep(
 
     Raises
     ------
+    ValueError
+        For a bad argument (negative `iterations`, a `test_batch_size` or `checkpoint_every`
+        below 1, a `checkpoint_path` in a folder that does not exist, fewer `iterations`
+        than the resumed checkpoint holds, ...), before any training step; the message
+        names the value.
+    CheckpointError
+        When `resume_from` cannot be read (missing, truncated, corrupted), naming the file;
+        or when writing a checkpoint fails, naming the file and carrying the history
+        recorded so far in its ``history`` attribute.
     NonFiniteLossError
         When a training loss is NaN or infinite; names the model and iteration and carries
-        the history of the iterations before it in its ``history`` attribute.
+        the history of the iterations before it in its ``history`` attribute. No model has
+        taken that iteration's step.
     """
-    if checkpoint_every is not None and checkpoint_path is None:
-        raise ValueError("checkpoint_every needs a checkpoint_path")
+    _check_arguments(iterations, batch_size, test_batch_size, checkpoint_path, checkpoint_every,
+                     resume_from, drop_warmup_steps, models)
     device = pick_device(device)
     torch.manual_seed(seed)
     models = {name: model.to(device) for name, model in models.items()}
     optimizers = {name: optimizer(model.parameters()) for name, model in models.items()}
     train_batches = BatchSampler(train.images, train.labels, batch_size, seed=seed, device=device)
-    test_batches = BatchSampler(test.images, test.labels, test_batch_size or batch_size, seed=seed + 1, device=device)
+    test_batch_size = batch_size if test_batch_size is None else test_batch_size
+    test_batches = BatchSampler(test.images, test.labels, test_batch_size, seed=seed + 1, device=device)
     history = History(models)
     samplers = {"train": train_batches, "test": test_batches}
+    drop_states = _stochastic_depth_states(models)
     if resume_from is not None:
-        history = _load_checkpoint(resume_from, models, optimizers, samplers)
+        history = _load_checkpoint(resume_from, models, optimizers, samplers, drop_warmup_steps)
+        if len(history) > iterations:
+            raise ValueError(
+                f"{resume_from} holds {len(history)} iterations, more than iterations={iterations}: "
+                f"iterations counts those of the checkpoint, so ask for at least {len(history)}"
+            )
 
     done = len(history)
     with _deferred_keyboard_interrupt() as interrupt, tqdm(
@@ -342,15 +388,25 @@ def train_lockstep(
             try:
                 images, labels = train_batches.next_batch()
                 test_images, test_labels = test_batches.next_batch()
-                record = {}
-                for name, model in models.items():
-                    record[name] = _train_step(model, optimizers[name], images, labels, device)
-                    if not math.isfinite(record[name]["train_loss"]):
+                if drop_warmup_steps:
+                    for state in drop_states.values():
+                        state.drop_scale = linear_drop_warmup(iteration - 1, drop_warmup_steps)
+                # Every model computes its gradients before any steps: a non-finite loss then
+                # stops the run with every model's weights at the last recorded iteration.
+                record = {
+                    name: _forward_backward(model, optimizers[name], images, labels, device)
+                    for name, model in models.items()
+                }
+                for name, values in record.items():
+                    if not math.isfinite(values["train_loss"]):
                         raise NonFiniteLossError(
-                            f"model {name!r}: training loss is {record[name]['train_loss']} at iteration "
-                            f"{iteration}; the history of the {iteration - 1} iterations before is attached",
+                            f"model {name!r}: training loss is {values['train_loss']} at iteration "
+                            f"{iteration}; no model took that step, and the history of the "
+                            f"{iteration - 1} iterations before is attached",
                             history,
                         )
+                for name, model in models.items():
+                    record[name]["step_time"] += _optimizer_step(optimizers[name], device)
                 for name, model in models.items():
                     record[name]["test_loss"], record[name]["test_acc"] = _evaluate(model, test_images, test_labels)
             except KeyboardInterrupt:
@@ -369,16 +425,54 @@ def train_lockstep(
 
             at_interval = checkpoint_every is not None and iteration % checkpoint_every == 0
             if checkpoint_path is not None and (at_interval or iteration == iterations or interrupt.is_set()):
-                _save_checkpoint(checkpoint_path, models, optimizers, samplers, history)
+                try:
+                    _save_checkpoint(checkpoint_path, models, optimizers, samplers, history, drop_warmup_steps)
+                except Exception as error:
+                    raise CheckpointError(
+                        f"could not write the checkpoint {checkpoint_path} after iteration {iteration}: "
+                        f"{error}; the history of the {iteration} iterations is attached (.history)",
+                        history,
+                    ) from error
             if interrupt.is_set():
                 warnings.warn(f"Interrupted: stopped after iteration {iteration} of {iterations}")
                 break
     return history
 
 
-def _train_step(
+def _check_arguments(
+    iterations: int,
+    batch_size: int,
+    test_batch_size: int | None,
+    checkpoint_path: str | Path | None,
+    checkpoint_every: int | None,
+    resume_from: str | Path | None,
+    drop_warmup_steps: int,
+    models: Mapping[str, nn.Module],
+) -> None:
+    """Refuse bad arguments of train_lockstep before anything runs, naming the value."""
+    for name, value, least in (("iterations", iterations, 0), ("batch_size", batch_size, 1),
+                               ("test_batch_size", test_batch_size, 1), ("checkpoint_every", checkpoint_every, 1),
+                               ("drop_warmup_steps", drop_warmup_steps, 0)):
+        if value is None and name in ("test_batch_size", "checkpoint_every"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    if checkpoint_every is not None and checkpoint_path is None:
+        raise ValueError("checkpoint_every needs a checkpoint_path")
+    if checkpoint_path is not None:
+        folder = Path(checkpoint_path).parent
+        if not folder.is_dir():
+            raise ValueError(f"checkpoint_path {checkpoint_path}: the folder {folder} does not exist; create it first")
+    if resume_from is not None and not Path(resume_from).is_file():
+        raise CheckpointError(f"resume_from {resume_from}: no such file")
+    if drop_warmup_steps and not _stochastic_depth_states(models):
+        raise ValueError(f"drop_warmup_steps={drop_warmup_steps}, but none of the models has stochastic depth")
+
+
+def _forward_backward(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> dict[str, float]:
+    """Loss, accuracy and gradients of one training batch, and the time they took."""
     _synchronize(device)  # so that the timer starts when the device is idle
     start = time.perf_counter()
     # set_to_none: parameters a model did not use this step (dropped blocks) keep grad None,
@@ -387,11 +481,19 @@ def _train_step(
     output = model(images)
     loss = F.cross_entropy(output, labels)
     loss.backward()
-    optimizer.step()
     _synchronize(device)
     step_time = time.perf_counter() - start
     accuracy = (output.argmax(dim=1) == labels).float().mean()
     return {"train_loss": loss.item(), "train_acc": accuracy.item(), "step_time": step_time}
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """Take the step, and return the time it took."""
+    _synchronize(device)
+    start = time.perf_counter()
+    optimizer.step()
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -439,7 +541,7 @@ def _rng_states(models: Mapping[str, nn.Module]) -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "models": {name: model.generator.get_state() for name, model in models.items() if _owns_generator(model)},
+        "models": {name: state.get_state() for name, state in _stochastic_depth_states(models).items()},
     }
 
 
@@ -447,12 +549,17 @@ def _set_rng_states(states: Mapping[str, Any], models: Mapping[str, nn.Module]) 
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
+    model_states = _stochastic_depth_states(models)
     for name, state in states["models"].items():
-        models[name].generator.set_state(state)
+        if isinstance(state, torch.Tensor):  # written before drop_scale existed: the generator's state
+            state = {"generator": state, "drop_scale": 1.0}
+        model_states[name].set_state(state)
 
 
-def _owns_generator(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "generator", None), torch.Generator)
+def _stochastic_depth_states(models: Mapping[str, nn.Module]) -> dict[str, StochasticDepthState]:
+    """The stochastic-depth state (generator, drop warm-up scale) of each model that has one."""
+    states = {name: stochastic_depth_state(model) for name, model in models.items()}
+    return {name: state for name, state in states.items() if state is not None}
 
 
 def _save_checkpoint(
@@ -461,8 +568,10 @@ def _save_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer],
     samplers: Mapping[str, BatchSampler],
     history: History,
+    drop_warmup_steps: int,
 ) -> None:
     checkpoint = {
+        "drop_warmup_steps": drop_warmup_steps,
         "models": {name: model.state_dict() for name, model in models.items()},
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
         "samplers": {name: sampler.state_dict() for name, sampler in samplers.items()},
@@ -480,14 +589,28 @@ def _load_checkpoint(
     models: Mapping[str, nn.Module],
     optimizers: Mapping[str, torch.optim.Optimizer],
     samplers: Mapping[str, BatchSampler],
+    drop_warmup_steps: int,
 ) -> History:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if set(checkpoint["models"]) != set(models):
-        raise ValueError(f"{path} holds models {sorted(checkpoint['models'])}, not {sorted(models)}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved_models, history = checkpoint["models"], History.from_dict(checkpoint["history"])
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot resume from {path}: it is not a readable train_lockstep checkpoint "
+            f"(truncated or corrupted?): {type(error).__name__}: {error}"
+        ) from error
+    if set(saved_models) != set(models):
+        raise ValueError(f"{path} holds models {sorted(saved_models)}, not {sorted(models)}")
+    saved_warmup = checkpoint.get("drop_warmup_steps", 0)
+    if saved_warmup != drop_warmup_steps:
+        raise ValueError(
+            f"{path} was written by a run with drop_warmup_steps={saved_warmup}, "
+            f"not {drop_warmup_steps}: resume with drop_warmup_steps={saved_warmup}"
+        )
     for name, model in models.items():
-        model.load_state_dict(checkpoint["models"][name])
+        model.load_state_dict(saved_models[name])
         optimizers[name].load_state_dict(checkpoint["optimizers"][name])
     for name, sampler in samplers.items():
         sampler.load_state_dict(checkpoint["samplers"][name])
     _set_rng_states(checkpoint["rng"], models)
-    return History.from_dict(checkpoint["history"])
+    return history

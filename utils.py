@@ -3,7 +3,7 @@
 The code lives in modules named for what they hold:
 
 - :mod:`mnist`: ``load_mnist``, ``load_fashion_mnist``, ``read_idx``, ``Split``, ``DatasetFileError``
-- :mod:`training`: ``train_lockstep``, ``BatchSampler``, ``History``, ``NonFiniteLossError``, ``pick_device``
+- :mod:`training`: ``train_lockstep``, ``BatchSampler``, ``History``, ``NonFiniteLossError``, ``CheckpointError``, ``pick_device``
 - :mod:`plotting`: ``draw``, ``draw_runs``, ``ewm_mean``
 
 Typical use::
@@ -18,11 +18,12 @@ Typical use::
 
 from mnist import DatasetFileError, Split, load_fashion_mnist, load_mnist, read_idx
 from plotting import draw, draw_runs, ewm_mean
-from training import METRICS, BatchSampler, History, NonFiniteLossError, pick_device, train_lockstep
+from training import METRICS, BatchSampler, CheckpointError, History, NonFiniteLossError, pick_device, train_lockstep
 
 __all__ = [
     "METRICS",
     "BatchSampler",
+    "CheckpointError",
     "DatasetFileError",
     "History",
     "NonFiniteLossError",

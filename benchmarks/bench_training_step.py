@@ -5,10 +5,11 @@ forward, cross-entropy, backward and an Adam step. The variants run interleaved,
 shuffled order each round, and the table reports the median step after warm-up, as a
 ratio to the plain ResNet measured in the same run.
 
-Beside the block-mode ratio it prints its floor: the fraction of the plain step's
-work that stochastic depth still does on average, (fixed + sum p_l work_l) /
-(fixed + sum work_l), with each block's work counted in FLOPs (forward and
-backward) by ``torch.utils.flop_counter``.
+Beside the block-mode and row_subset ratios it prints their floors: the fraction of
+the plain step's work that stochastic depth still does on average, (fixed + sum q_l
+work_l) / (fixed + sum work_l), with each block's work counted in FLOPs (forward and
+backward) by ``torch.utils.flop_counter``; q_l is p_l in block mode and k_l / B, the
+fraction of samples a row_subset branch runs on, in row_subset mode.
 
 Usage::
 
@@ -35,9 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_with_stochastic_depth import (  # noqa: E402
     ResNet,
     StochasticResNet,
+    stochastic_depth_gates,
     survival_probabilities,
     training_flop_floor,
 )
+
+PLAIN = "ResNet-50 (plain)"
+BLOCK = "StochasticResNet, batch mode"
+ROW_SUBSET = "StochasticResNet, row_subset mode"
 
 
 class TorchvisionMask(nn.Module):
@@ -64,21 +70,31 @@ def build_variants(p_last: float) -> dict[str, nn.Module]:
 
     common = dict(in_channels=1, num_classes=10)
     return {
-        "ResNet-50 (plain)": ResNet.imagenet(50, **common),
-        "StochasticResNet, batch mode": StochasticResNet.imagenet(50, p_last=p_last, seed=0, **common),
+        PLAIN: ResNet.imagenet(50, **common),
+        BLOCK: StochasticResNet.imagenet(50, p_last=p_last, seed=0, **common),
         "StochasticResNet, row mode": StochasticResNet.imagenet(50, p_last=p_last, mode="row", seed=0, **common),
+        ROW_SUBSET: StochasticResNet.imagenet(50, p_last=p_last, mode="row_subset", seed=0, **common),
         "torchvision.ops.stochastic_depth, batch": resnet50_masked_by_torchvision("batch", p_last),
         "torchvision.ops.stochastic_depth, row": resnet50_masked_by_torchvision("row", p_last),
-        f"timm resnet50, drop_path_rate={p_last}": timm.create_model(
+        # timm takes the drop rate of the last block, 1 - p_L.
+        f"timm resnet50, drop_path_rate={1 - p_last:g}": timm.create_model(
             "resnet50", in_chans=1, num_classes=10, drop_path_rate=1 - p_last
         ),
     }
 
 
-def flop_floor(p_last: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Expected fraction of a plain training step's FLOPs that block mode still computes."""
+def flop_floors(p_last: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Expected fraction of a plain training step's FLOPs that block and row_subset modes compute."""
     model = ResNet.imagenet(50, in_channels=1, num_classes=10)
-    return training_flop_floor(model, x, y, survival_probabilities(len(model.blocks), "linear", p_last))
+    probs = survival_probabilities(len(model.blocks), "linear", p_last)
+    subset = StochasticResNet.imagenet(50, p_last=p_last, mode="row_subset", seed=0, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        subset(x[:, :, :4, :4])  # a tiny pass, to read the fixed k of each block
+    fractions = [gate.last_active.float().mean().item() for gate in stochastic_depth_gates(subset)]
+    return {
+        "batch": training_flop_floor(model, x, y, probs),
+        "row_subset": training_flop_floor(model, x, y, fractions),
+    }
 
 
 def time_steps(variants, x, y, device, rounds: int, warmup: int) -> dict[str, list[float]]:
@@ -102,6 +118,48 @@ def time_steps(variants, x, y, device, rounds: int, warmup: int) -> dict[str, li
     return times
 
 
+def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: int = 3, p_last: float = 0.5) -> dict:
+    """Time every variant on one batch; return what ``main`` writes as JSON."""
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    y = torch.randint(10, (batch_size,), device=device)
+    floors = flop_floors(p_last, x.cpu(), y.cpu())
+    variants = {name: m.to(device).train() for name, m in build_variants(p_last).items()}
+    times = time_steps(variants, x, y, device, rounds, warmup)
+    plain = statistics.median(times[PLAIN])
+    rows = [
+        {"variant": name, "median_s": statistics.median(samples),
+         "ratio_to_plain": statistics.median(samples) / plain, "samples_s": samples}
+        for name, samples in times.items()
+    ]
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "p_last": p_last,
+        "rounds": rounds,
+        "flops": floors["batch"],
+        "flops_row_subset": floors["row_subset"],
+        "results": rows,
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"\nOne training step, ResNet-50, batch {result['batch_size']}x1x28x28, {result['device']}, "
+          f"torch {result['torch']}, {result['threads']} threads, median of {result['rounds']}")
+    print(f"{'variant':45s} {'median ms':>10s} {'/ plain':>8s}")
+    for row in result["results"]:
+        print(f"{row['variant']:45s} {1e3 * row['median_s']:10.1f} {row['ratio_to_plain']:8.3f}")
+    ratios = {row["variant"]: row["ratio_to_plain"] for row in result["results"]}
+    print()
+    for name, floor in ((BLOCK, result["flops"]), (ROW_SUBSET, result["flops_row_subset"])):
+        print(f"{name}: measured ratio {ratios[name]:.3f}, FLOP floor {floor['floor']:.3f} "
+              f"(difference {ratios[name] - floor['floor']:+.3f})")
+    print(f"plain step {result['flops']['total_gflop']:.1f} GFLOP, of which fixed {result['flops']['fixed_gflop']:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -112,40 +170,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training_step.json")
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 1, 28, 28, device=device)
-    y = torch.randint(10, (args.batch_size,), device=device)
-    floor = flop_floor(args.p_last, x.cpu(), y.cpu())
-    variants = {name: m.to(device).train() for name, m in build_variants(args.p_last).items()}
-    times = time_steps(variants, x, y, device, args.rounds, args.warmup)
-
-    plain = statistics.median(times["ResNet-50 (plain)"])
-    rows = []
-    print(f"\nOne training step, ResNet-50, batch {args.batch_size}x1x28x28, {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds}")
-    print(f"{'variant':45s} {'median ms':>10s} {'/ plain':>8s}")
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        rows.append({"variant": name, "median_s": median, "ratio_to_plain": median / plain, "samples_s": samples})
-        print(f"{name:45s} {1e3 * median:10.1f} {median / plain:8.3f}")
-    block_ratio = rows[1]["ratio_to_plain"]
-    print(f"\nblock mode: measured ratio {block_ratio:.3f}, FLOP floor {floor['floor']:.3f} "
-          f"(difference {block_ratio - floor['floor']:+.3f}); "
-          f"plain step {floor['total_gflop']:.1f} GFLOP, of which fixed {floor['fixed_gflop']:.1f}")
-
+    result = run(torch.device(args.device), args.batch_size, args.rounds, args.warmup, args.p_last)
+    print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size,
-        "p_last": args.p_last,
-        "rounds": args.rounds,
-        "flops": floor,
-        "results": rows,
-    }, indent=2))
+    args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -1,20 +1,31 @@
 """Tests of the stochastic-depth ResNets against the paper's rules and hand-built references."""
 
 import copy
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from resnet_with_stochastic_depth import (
+    BasicBlock,
     Bottleneck,
     ResNet,
     StochasticDepth,
     StochasticResNet,
     add_stochastic_depth,
+    compile_branches,
+    linear_drop_warmup,
     stochastic_depth_gates,
+    stochastic_depth_state,
     survival_probabilities,
 )
 
@@ -199,12 +210,60 @@ def test_row_mode_runs_the_branch_only_on_kept_samples():
 
 def test_row_mode_output_matches_a_masked_reference():
     torch.manual_seed(0)
-    gate = StochasticDepth(0.6, mode="row", generator=torch.Generator().manual_seed(9))
+    gate = StochasticDepth(survival_prob=0.6, mode="row", generator=torch.Generator().manual_seed(9))
     x = torch.randn(16, 3)
     weight = torch.randn(3, 3)
     out = gate(lambda t: t @ weight, x, shortcut=x)
     mask = gate.last_active.float().unsqueeze(1)
     torch.testing.assert_close(out, x + mask * (x @ weight))
+
+
+def test_row_subset_keeps_exactly_k_samples_chosen_uniformly():
+    model = StochasticResNet.cifar(14, mode="row_subset", p_last=0.3, seed=8)
+    x, _ = batch(20, size=4)
+    passes = 60
+    active = active_sequence(model, x, passes)
+    k = [max(1, math.floor(20 * p + 0.5)) for p in model.survival_probabilities]
+    assert k == [18, 15, 13, 11, 8, 6]  # p_l = 0.883, 0.767, 0.65, 0.533, 0.417, 0.3
+    assert active.sum(2).tolist() == [k] * passes  # exactly k samples every pass
+    # Each sample is one of the k with probability k / 20; over 60 passes, 4.5 sigma.
+    for block, k_l in enumerate(k):
+        for count in active[:, block].sum(0).tolist():
+            q = k_l / 20
+            assert abs(count - passes * q) <= binomial_bound(passes, q), (block, count, k_l)
+
+
+def test_row_subset_runs_every_branch_on_the_same_batch_size_every_pass():
+    model = StochasticResNet.cifar(14, mode="row_subset", p_last=0.3, seed=4)
+    seen = []
+    for block in model.blocks:
+        block.conv1.register_forward_hook(lambda m, inputs, out: seen.append(len(inputs[0])))
+    x, y = batch(32)
+    for _ in range(3):
+        F.cross_entropy(model(x), y).backward()
+    k = [max(1, math.floor(32 * p + 0.5)) for p in model.survival_probabilities]
+    assert seen == k * 3 and sum(k) < 6 * 32
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_row_subset_output_matches_a_rescaled_masked_reference(inverted):
+    gate = StochasticDepth(survival_prob=0.6, mode="row_subset", inverted=inverted,
+                           generator=torch.Generator().manual_seed(9))
+    x = torch.randn(16, 3)
+    weight = torch.randn(3, 3)
+    out = gate(lambda t: t @ weight, x, shortcut=x)
+    mask = gate.last_active.float().unsqueeze(1)
+    assert mask.sum() == 10  # round(16 * 0.6)
+    scale = 16 / 10 * (1 if inverted else 0.6)  # so that E[output] = x + 0.6 x W (x + x W inverted)
+    torch.testing.assert_close(out, x + mask * scale * (x @ weight))
+
+
+def test_survival_prob_is_keyword_only_so_it_cannot_be_read_as_torchvisions_drop_probability():
+    with pytest.raises(TypeError):
+        StochasticDepth(0.1, "row")
+    assert StochasticDepth(survival_prob=0.1, mode="row").survival_prob == 0.1
+    with pytest.raises(ValueError, match="'column'"):
+        StochasticDepth(survival_prob=0.5, mode="column")
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -233,17 +292,19 @@ def test_eval_matches_hand_built_reference_and_is_deterministic():
         assert model.active_blocks.all()
 
 
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
 @pytest.mark.parametrize("inverted", [False, True])
-def test_training_output_equals_test_output_in_expectation(inverted):
-    gate = StochasticDepth(0.3, inverted=inverted, generator=torch.Generator().manual_seed(11))
-    x = torch.tensor([1.0, -2.0])
-    residual = torch.tensor([4.0, 8.0])
-    draws = 20000
-    mean = sum(gate(lambda _: residual, x, x) for _ in range(draws)) / draws
+def test_training_output_equals_test_output_in_expectation(inverted, mode):
+    gate = StochasticDepth(survival_prob=0.3, mode=mode, inverted=inverted, generator=torch.Generator().manual_seed(11))
+    x = torch.tensor([[1.0, -2.0]] * 10)  # 10 samples: row_subset keeps k = 3 of them, scaled by 0.3 * 10 / 3
+    residual = torch.tensor([[4.0, 8.0]] * 10)
+    draws = 4000
+    mean = sum(gate(lambda t: residual[: len(t)], x, x) for _ in range(draws)) / draws
     gate.eval()
     expected = gate(lambda _: residual, x, x)
     torch.testing.assert_close(expected, x + (residual if inverted else 0.3 * residual))
-    # The training output is x + B * c * residual with B ~ Bernoulli(0.3): tolerance 4.5 sigma.
+    # Per sample, the training output is x + B * c * residual with B ~ Bernoulli(0.3) and c = 1 / 0.3
+    # (inverted) or 1: tolerance 4.5 sigma of the mean over the draws, per sample.
     scale = 1 / 0.3 if inverted else 1.0
     sigma = scale * residual.abs() * math.sqrt(0.3 * 0.7 / draws)
     assert ((mean - expected).abs() <= 4.5 * sigma).all()
@@ -326,6 +387,31 @@ def test_converted_torchvision_model_trains_with_dropped_blocks():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_add_stochastic_depth_with_a_bad_argument_leaves_the_model_as_it_was():
+    model = torchvision.models.resnet18(num_classes=10)
+    before = {name: type(m) for name, m in model.named_modules()}
+    for kwargs in (dict(mode="rows"), dict(p_last=2.0)):
+        with pytest.raises(ValueError):
+            add_stochastic_depth(model, **kwargs)
+        assert {name: type(m) for name, m in model.named_modules()} == before
+        assert not hasattr(model, "generator") and stochastic_depth_state(model) is None
+
+
+def test_converted_torchvision_model_draws_once_per_pass_like_stochastic_resnet():
+    torch.manual_seed(0)
+    model = add_stochastic_depth(torchvision.models.resnet18(num_classes=10), p_last=0.5, seed=0)
+    add_stochastic_depth(model, p_last=0.5, seed=0)  # again: one state, one hook, the same draws
+    state = stochastic_depth_state(model)
+    assert len(model._forward_pre_hooks) == 1
+    x, _ = batch(2, size=32)
+    with torch.no_grad():
+        model(x)
+    decisions = [gate.decision.active for gate in stochastic_depth_gates(model)]
+    replay = torch.Generator().manual_seed(0)
+    expected = [torch.rand((), generator=replay) < p for p in survival_probabilities(8, "linear", 0.5)]
+    assert decisions == expected and state.generator is stochastic_depth_gates(model)[0].generator
+
+
 def test_add_stochastic_depth_rejects_a_model_without_residual_blocks():
     with pytest.raises(TypeError, match="no residual blocks"):
         add_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2)))
@@ -345,7 +431,7 @@ def test_deepcopy_and_generator_state_round_trip():
     assert torch.equal(active_sequence(model, x, 20), first)
 
 
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
 def test_channels_last_gives_the_same_results(mode):
     _, model = tiny_pair(mode=mode, seed=0)
     twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -358,7 +444,7 @@ def test_channels_last_gives_the_same_results(mode):
     torch.testing.assert_close(twin(x.to(memory_format=torch.channels_last)), model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
 def test_bfloat16_autocast_on_cpu(mode):
     _, model = tiny_pair(mode=mode, p_last=0.5)
     x, y = batch(8)
@@ -402,6 +488,157 @@ def test_torch_compile_matches_eager_in_train_and_eval(mode, device, backend):
     eager.eval(), compiled_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), **tolerance)
+
+
+# ---------------------------------------------------------------------------------- PyTorch's tools
+
+
+def checkpointed(model, impl):
+    """`model` with every residual block wrapped by PyTorch's activation checkpointing."""
+    is_block = lambda m: isinstance(m, (BasicBlock, Bottleneck))  # noqa: E731
+    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=impl)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=is_block)
+    return model
+
+
+@pytest.mark.parametrize("impl", [CheckpointImpl.NO_REENTRANT, CheckpointImpl.REENTRANT], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
+def test_activation_checkpointing_recomputes_with_the_same_decisions(mode, impl):
+    _, model = tiny_pair(mode=mode, p_last=0.3, seed=3)
+    twin = checkpointed(copy.deepcopy(model), impl)
+    assert sum(type(m).__name__ == "CheckpointWrapper" for m in twin.modules()) == 6
+    # Reentrant checkpointing only recomputes when the block's input needs a gradient.
+    x, y = batch(8)
+    x.requires_grad_(impl == CheckpointImpl.REENTRANT)
+    for _ in range(4):
+        model.zero_grad(set_to_none=True), twin.zero_grad(set_to_none=True)
+        loss, twin_loss = F.cross_entropy(model(x), y), F.cross_entropy(twin(x), y)
+        loss.backward(), twin_loss.backward()
+        assert torch.equal(model.active_blocks, twin.active_blocks)
+        assert torch.equal(loss, twin_loss)
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            assert (a.grad is None) == (b.grad is None), name
+            assert a.grad is None or torch.equal(a.grad, b.grad), name
+    assert not model.active_blocks.all()  # some blocks or samples were dropped
+
+
+def test_activation_checkpointing_of_a_converted_torchvision_model():
+    torch.manual_seed(0)
+    model = add_stochastic_depth(torchvision.models.resnet18(num_classes=10), p_last=0.3, seed=5)
+    twin = checkpointed(copy.deepcopy(model), CheckpointImpl.NO_REENTRANT)
+    x, y = batch(4, size=32)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True), twin.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(twin(x), y).backward()
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            assert (a.grad is None) == (b.grad is None), name
+            assert a.grad is None or torch.equal(a.grad, b.grad), name
+
+
+def test_torch_fx_trace_in_eval_mode_matches_eager():
+    _, model = tiny_pair(p_last=0.3)
+    x, y = batch(8)
+    F.cross_entropy(model(x), y).backward()  # BatchNorm statistics away from their start
+    model.eval()
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+    features = create_feature_extractor(model, return_nodes={"layer2": "mid", "fc": "logits"})
+    features.eval()
+    with torch.no_grad():
+        out = features(x)
+    assert out["mid"].shape == (8, 32, 4, 4) and torch.equal(out["logits"], model(x))
+
+
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
+def test_torch_fx_trace_in_training_mode_refuses_to_run_and_says_why(mode):
+    _, model = tiny_pair(mode=mode)
+    traced = torch.fx.symbolic_trace(model.train())
+    message = r"traced by torch.fx in training mode, where a trace would freeze one draw.*model.eval\(\)"
+    with pytest.raises(RuntimeError, match=message):
+        traced(batch()[0])
+
+
+@pytest.mark.parametrize("mode", ["batch", "row_subset"])
+def test_compile_branches_matches_eager_in_train_and_eval(mode):
+    _, eager = tiny_pair(mode=mode, p_last=0.5, seed=21)
+    compiled = compile_branches(copy.deepcopy(eager), backend="aot_eager")
+    # One compiled function per kind of branch: stage 1, then the first and the second block of stages 2 and 3.
+    assert len({block.compiled_branch for block in compiled.blocks}) == 5
+    x, y = batch(8)
+    for _ in range(3):
+        out, out_compiled = eager(x), compiled(x)
+        assert torch.equal(eager.active_blocks, compiled.active_blocks)
+        torch.testing.assert_close(out_compiled, out, atol=1e-5, rtol=1e-5)
+        F.cross_entropy(out, y).backward()
+        F.cross_entropy(out_compiled, y).backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.allclose(b.grad, a.grad, atol=1e-4, rtol=1e-4), name
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, size",
+    [(lambda: StochasticResNet.cifar(110, mode="row_subset", seed=0), 16),
+     (lambda: StochasticResNet.imagenet(152, num_classes=10, seed=0), 32)],
+    ids=["resnet110-row_subset", "resnet152-batch"],
+)
+def test_compile_branches_reaches_no_recompile_limit_in_deep_networks(make, size):
+    # The "eager" backend runs dynamo's capture and guards, which is where the limit is
+    # counted, without compiling kernels; fail_on_recompile_limit_hit turns the limit's
+    # silent eager fallback into an error.
+    torch._dynamo.reset()
+    model = compile_branches(make(), backend="eager")
+    x, y = batch(4, size=size)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------- drop warm-up
+
+
+def test_linear_drop_warmup_schedule():
+    assert [linear_drop_warmup(step, 4) for step in range(6)] == [0, 0.25, 0.5, 0.75, 1, 1]
+    assert linear_drop_warmup(0, 0) == 1.0
+    with pytest.raises(ValueError, match="-1"):
+        linear_drop_warmup(3, -1)
+
+
+@pytest.mark.parametrize("mode, drop_scale", [("batch", 0.0), ("batch", 0.25), ("batch", 0.5), ("row", 0.5), ("batch", 1.0)])
+def test_drop_scale_scales_every_blocks_drop_probability(mode, drop_scale):
+    model = StochasticResNet.cifar(14, mode=mode, p_last=0.2, seed=12)
+    stochastic_depth_state(model).drop_scale = drop_scale
+    x, _ = batch(8, size=4)
+    passes = 150 if mode == "batch" else 25
+    active = active_sequence(model, x, passes)
+    kept = active.reshape(passes, 6, -1).sum((0, 2))
+    trials = passes * (1 if mode == "batch" else 8)
+    for count, p in zip(kept.tolist(), model.survival_probabilities):
+        survival = 1 - drop_scale * (1 - p)  # exactly 1 at drop_scale 0: the bound is then 1e-9
+        assert abs(count - trials * survival) <= binomial_bound(trials, survival), (count, survival)
+
+
+def test_drop_scale_is_checked_and_part_of_the_state():
+    _, model = tiny_pair()
+    state = stochastic_depth_state(model)
+    with pytest.raises(ValueError, match="drop_scale.*1.5"):
+        state.drop_scale = 1.5
+    state.drop_scale = 0.5
+    saved = state.get_state()
+    x, _ = batch(2, size=4)
+    first = active_sequence(model, x, 10)
+    state.drop_scale = 1.0
+    state.set_state(saved)
+    assert state.drop_scale == 0.5 and torch.equal(active_sequence(model, x, 10), first)
 
 
 # ---------------------------------------------------------------------------------- distributed

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import utils
+from resnet_with_stochastic_depth import StochasticDepthState, StochasticResNet, stochastic_depth_state
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DETERMINISTIC = [m for m in utils.METRICS if m != "step_time"]  # step_time is a wall clock
@@ -113,17 +114,18 @@ class Linear(nn.Module):
 
 
 class RandomMask(nn.Module):
-    """Owns a generator that decides, every training step, which inputs to drop (like dropped blocks)."""
+    """Drops random inputs every training step, drawn from a StochasticDepthState's generator
+    (as a stochastic-depth model's gates are), which the trainer must checkpoint."""
 
     def __init__(self, seed=0):
         super().__init__()
-        self.generator = torch.Generator().manual_seed(seed)
+        self.drops = StochasticDepthState(torch.Generator().manual_seed(seed))
         self.linear = nn.Linear(784, 10)
 
     def forward(self, images):
         images = images.flatten(1)
         if self.training:
-            keep = torch.rand(images.shape[1], generator=self.generator) < 0.5
+            keep = torch.rand(images.shape[1], generator=self.drops.generator) < 0.5
             images = images * keep.to(images.device)
         return self.linear(images)
 
@@ -236,6 +238,121 @@ def test_non_finite_loss_names_model_and_iteration_and_keeps_the_history(small):
     with pytest.raises(utils.NonFiniteLossError, match=message) as error:
         run(small, models=models)
     assert len(error.value.history) == 3 and error.value.history.models == ["fine", "exploding"]
+
+
+def test_non_finite_loss_leaves_no_model_a_step_ahead_of_the_history(small):
+    models = {"fine": Linear(), "exploding": Exploding()}  # "fine" computes its loss first
+    with pytest.raises(utils.NonFiniteLossError, match="no model took that step"):
+        run(small, models=models)
+    three_steps = {"fine": Linear(), "exploding": Exploding()}
+    run(small, iterations=3, models=three_steps)
+    for name in models:
+        for key, value in three_steps[name].state_dict().items():
+            assert torch.equal(models[name].state_dict()[key], value), (name, key)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(iterations=-1), "iterations must be an integer of at least 0, got -1"),
+        (dict(iterations=2.5), "iterations must be an integer of at least 0, got 2.5"),
+        (dict(test_batch_size=0), "test_batch_size must be an integer of at least 1, got 0"),
+        (dict(batch_size=0), "batch_size must be an integer of at least 1, got 0"),
+        (dict(checkpoint_every=0, checkpoint_path="c.pt"), "checkpoint_every must be an integer of at least 1, got 0"),
+        (dict(checkpoint_every=2), "checkpoint_every needs a checkpoint_path"),
+        (dict(drop_warmup_steps=-5), "drop_warmup_steps must be an integer of at least 0, got -5"),
+        (dict(drop_warmup_steps=10), "drop_warmup_steps=10, but none of the models has stochastic depth"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_step(small, kwargs, message):
+    models = {"linear": Linear()}
+    with pytest.raises(ValueError, match=message):
+        run(small, models=models, **kwargs)
+    assert models["linear"].seen == []
+
+
+def test_checkpoint_in_a_missing_folder_is_refused_before_any_step(small, tmp_path):
+    models = {"linear": Linear()}
+    path = tmp_path / "no such folder" / "run.pt"
+    with pytest.raises(ValueError, match=f"the folder {tmp_path / 'no such folder'} does not exist"):
+        run(small, models=models, checkpoint_path=path)
+    assert models["linear"].seen == []
+
+
+def test_a_failing_checkpoint_write_names_the_file_and_keeps_the_history(small, tmp_path):
+    path = tmp_path / "run.pt"
+    (tmp_path / "run.pt.partial").mkdir()  # torch.save cannot write where a folder is
+    with pytest.raises(utils.CheckpointError, match=f"could not write the checkpoint {path} after iteration 4") as error:
+        run(small, checkpoint_path=path, checkpoint_every=4)
+    assert len(error.value.history) == 4
+    assert error.value.history["linear"]["test_acc"] == run(small, iterations=4)["linear"]["test_acc"]
+
+
+def test_resuming_with_fewer_iterations_than_the_checkpoint_is_refused(small, tmp_path):
+    run(small, iterations=6, checkpoint_path=tmp_path / "run.pt")
+    with pytest.raises(ValueError, match="holds 6 iterations, more than iterations=4.*at least 6"):
+        run(small, iterations=4, resume_from=tmp_path / "run.pt")
+    assert len(run(small, iterations=6, resume_from=tmp_path / "run.pt")) == 6  # nothing left to do
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_an_unreadable_checkpoint_is_named(small, tmp_path, damage):
+    path = tmp_path / "run.pt"
+    run(small, iterations=2, checkpoint_path=path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a checkpoint" * 100)
+    else:
+        path.unlink()
+    with pytest.raises(utils.CheckpointError, match=str(path)):
+        run(small, resume_from=path)
+
+
+# ---------------------------------------------------------------- drop warm-up
+
+
+def stochastic_models(seed=0):
+    """A CIFAR ResNet-8 for MNIST with 3 blocks that each survive with p = 0.5 at the target rate."""
+    torch.manual_seed(seed)
+    return {"stochastic": StochasticResNet.cifar(8, in_channels=1, survival_rule="uniform", p_last=0.5, seed=seed)}
+
+
+def record_drops(model):
+    drops = []
+    model.register_forward_hook(lambda m, inputs, out: drops.append(m.active_blocks) if m.training else None)
+    return drops
+
+
+def test_drop_warmup_ramps_the_drop_rate_from_zero(small):
+    models = stochastic_models()
+    drops = record_drops(models["stochastic"])
+    warmup, iterations = 120, 160
+    run(small, iterations=iterations, batch_size=8, models=models, drop_warmup_steps=warmup)
+    kept = torch.stack(drops).sum(1)  # blocks kept at each iteration, of 3
+    assert kept[0] == 3  # iteration 1: drop_scale 0
+    # Windows of 40 iterations: iteration i keeps each block with p_i = 1 - 0.5 * min(1, (i - 1) / 120);
+    # the kept count of a window is a sum of Bernoullis, within 4.5 standard deviations of its mean.
+    for first in range(0, iterations, 40):
+        p = [1 - 0.5 * min(1, i / warmup) for i in range(first, first + 40)]
+        mean = 3 * sum(p)
+        sigma = (3 * sum(q * (1 - q) for q in p)) ** 0.5
+        assert abs(kept[first : first + 40].sum().item() - mean) <= 4.5 * sigma, (first, kept[first : first + 40].sum(), mean)
+    assert stochastic_depth_state(models["stochastic"]).drop_scale == 1.0
+
+
+def test_drop_warmup_is_carried_by_checkpoints(small, tmp_path):
+    kwargs = dict(batch_size=8, drop_warmup_steps=20)
+    uninterrupted_models = stochastic_models()
+    uninterrupted = run(small, iterations=16, models=uninterrupted_models, **kwargs)
+    path = tmp_path / "run.pt"
+    run(small, iterations=8, models=stochastic_models(), checkpoint_path=path, **kwargs)
+    resumed_models = stochastic_models()
+    resumed = run(small, iterations=16, models=resumed_models, resume_from=path, **kwargs)
+    assert_same_metrics(resumed, uninterrupted)
+    assert stochastic_depth_state(resumed_models["stochastic"]).drop_scale == 15 / 20
+    with pytest.raises(ValueError, match="drop_warmup_steps=20, not 5: resume with drop_warmup_steps=20"):
+        run(small, iterations=16, models=stochastic_models(), resume_from=path, batch_size=8, drop_warmup_steps=5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

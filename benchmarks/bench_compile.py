@@ -1,0 +1,134 @@
+"""Time a training step with the residual branches compiled (``compile_branches``) against eager.
+
+For each network, four variants train on the same batch (forward, cross-entropy,
+backward, SGD step): the plain ResNet and the StochasticResNet (batch mode, p_L = 0.5),
+each eager and with ``compile_branches(model, backend="inductor")``. The variants run
+interleaved, in a shuffled order each round; the table reports the median step after
+the warm-up steps, as a ratio to the eager plain step, and the wall time of the compiled
+variants' warm-up (which includes compiling: forward and backward of every kind of branch,
+in train mode; the plain model and its stochastic twin share the compiled branches, so the
+one built first pays).
+
+Usage::
+
+    python benchmarks/bench_compile.py [--device cpu] [--networks resnet20] [--batch-size 32]
+        [--rounds 10] [--warmup 3] [--out benchmarks/results/compile.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from resnet_with_stochastic_depth import ResNet, StochasticResNet, compile_branches  # noqa: E402
+
+# name: (how to build it from a class, input shape of one sample)
+NETWORKS = {
+    "resnet20": (lambda cls, **kw: cls.cifar(20, **kw), (3, 32, 32)),
+    "resnet56": (lambda cls, **kw: cls.cifar(56, **kw), (3, 32, 32)),
+    "resnet110": (lambda cls, **kw: cls.cifar(110, **kw), (3, 32, 32)),
+    "resnet50": (lambda cls, **kw: cls.imagenet(50, in_channels=1, num_classes=10, **kw), (1, 28, 28)),
+    "resnet152": (lambda cls, **kw: cls.imagenet(152, in_channels=1, num_classes=10, **kw), (1, 28, 28)),
+}
+
+
+def measure(network: str, device: torch.device, batch_size: int, rounds: int, warmup: int,
+            backend: str = "inductor") -> dict:
+    """Median step times of the four variants of `network`, and the compiled variants' warm-up time."""
+    build, sample_shape = NETWORKS[network]
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, *sample_shape, device=device)
+    y = torch.randint(10, (batch_size,), device=device)
+    variants = {}
+    for compiled in (False, True):
+        for cls, kwargs in ((ResNet, {}), (StochasticResNet, dict(p_last=0.5, seed=0))):
+            torch.manual_seed(0)
+            model = build(cls, **kwargs).to(device).train()
+            if compiled:
+                compile_branches(model, backend=backend)
+            name = f"{cls.__name__}{', branches compiled' if compiled else ', eager'}"
+            variants[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    warmup_s = {name: 0.0 for name in variants}
+    order = list(variants)
+    shuffler = random.Random(0)
+    for round_index in range(warmup + rounds):
+        if round_index:  # the first round in construction order: the plain model compiles first
+            shuffler.shuffle(order)
+        for name in order:
+            model, optimizer = variants[name]
+            sync()
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            sync()
+            elapsed = time.perf_counter() - start
+            if round_index < warmup:
+                warmup_s[name] += elapsed
+            else:
+                times[name].append(elapsed)
+    eager_plain = statistics.median(times["ResNet, eager"])
+    rows = [
+        {"variant": name, "median_s": statistics.median(t), "ratio_to_eager_plain": statistics.median(t) / eager_plain,
+         "warmup_s": warmup_s[name], "samples_s": t}
+        for name, t in times.items()
+    ]
+    return {"network": network, "batch_size": batch_size, "sample_shape": list(sample_shape), "rounds": rounds,
+            "warmup": warmup, "backend": backend, "results": rows}
+
+
+def print_table(result: dict, device: torch.device) -> None:
+    shape = "x".join(map(str, result["sample_shape"]))
+    print(f"\n{result['network']}, batch {result['batch_size']}x{shape}, {device}, {result['backend']}, "
+          f"median of {result['rounds']} steps after {result['warmup']} warm-up steps")
+    print(f"{'variant':40s} {'median ms':>10s} {'/ eager plain':>14s} {'warm-up s':>10s}")
+    for row in result["results"]:
+        print(f"{row['variant']:40s} {1e3 * row['median_s']:10.2f} {row['ratio_to_eager_plain']:14.3f} "
+              f"{row['warmup_s']:10.1f}")
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--networks", nargs="+", default=["resnet20"], choices=sorted(NETWORKS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compile.json")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    results = []
+    for network in args.networks:
+        results.append(measure(network, device, args.batch_size, args.rounds, args.warmup, args.backend))
+        print_table(results[-1], device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**environment(device), "networks": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Everything issue 8 measures on a CUDA GPU, in one run of about two minutes on an H100.
+
+1. The training-step table of ``bench_training_step.py`` (every variant, row_subset
+   included), median of 30 steps.
+2. Compiled (``compile_branches``, inductor) against eager training steps
+   (``bench_compile.py``) for a CIFAR ResNet-110 (batch 128x3x32x32) and ResNet-50
+   (batch 128x1x28x28).
+
+Each part is written to ``OUT_DIR`` as soon as it finishes (``training_step.json``,
+``compile-<network>.json``) and a failing part is reported and skipped, so the run
+always completes; parts that would start after ``--budget-s`` seconds are skipped.
+Everything printed is also written to ``OUT_DIR/summary.txt``.
+
+Usage::
+
+    python benchmarks/gpu_issue8.py OUT_DIR              # on the GPU
+    python benchmarks/gpu_issue8.py OUT_DIR --device cpu --quick   # a smoke test on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_compile  # noqa: E402
+import bench_training_step  # noqa: E402
+
+
+class Tee(io.TextIOBase):
+    """Print to the terminal and keep a copy for summary.txt."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text):
+        self.stream.write(text)
+        self.stream.flush()
+        return self.copy.write(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and the aot_eager backend: a smoke test")
+    parser.add_argument("--budget-s", type=float, default=110.0,
+                        help="start no part after this many seconds (each part still runs to its end)")
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    tee = Tee(sys.stdout)
+
+    if args.quick:
+        table = dict(batch_size=8, rounds=1, warmup=1)
+        compile_runs = [("resnet20", 4)]
+        compile_options = dict(rounds=1, warmup=1, backend="aot_eager")
+    else:
+        table = dict(batch_size=128, rounds=30, warmup=3)
+        compile_runs = [("resnet110", 128), ("resnet50", 128)]
+        compile_options = dict(rounds=30, warmup=3, backend="inductor")
+
+    parts = [("training_step", lambda: bench_training_step.run(device, **table), bench_training_step.print_table)]
+    for network, batch_size in compile_runs:
+        parts.append((
+            f"compile-{network}",
+            lambda network=network, batch_size=batch_size: {
+                **bench_compile.environment(device),
+                **bench_compile.measure(network, device, batch_size, **compile_options),
+            },
+            lambda result: bench_compile.print_table(result, device),
+        ))
+
+    with contextlib.redirect_stdout(tee):
+        print(f"device {device}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+              f"torch {torch.__version__}")
+        for name, measure, show in parts:
+            elapsed = time.perf_counter() - start
+            if elapsed > args.budget_s:
+                print(f"\n[{name}] skipped: {elapsed:.0f} s spent, budget {args.budget_s:.0f} s")
+                continue
+            part_start = time.perf_counter()
+            try:
+                result = measure()
+                (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+                show(result)
+                print(f"[{name}] done in {time.perf_counter() - part_start:.0f} s")
+            except Exception:  # one failing part must not cost the others
+                print(f"\n[{name}] failed after {time.perf_counter() - part_start:.0f} s:")
+                traceback.print_exc(file=sys.stdout)
+            (args.out_dir / "summary.txt").write_text(tee.copy.getvalue())
+        print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    (args.out_dir / "summary.txt").write_text(tee.copy.getvalue())
+
+
+if __name__ == "__main__":
+    main()
