@@ -38,16 +38,19 @@ from __future__ import annotations
 import functools
 import math
 import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Self
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet as tv_resnet
 
 __all__ = [
+    "AvgPoolZeroPad",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
@@ -67,6 +70,7 @@ __all__ = [
 SurvivalRule = Literal["linear", "uniform"] | Sequence[float]
 DropMode = Literal["batch", "row", "row_subset"]
 DROP_MODES = ("batch", "row", "row_subset")
+ShortcutKind = Literal["projection", "A"]
 
 
 # ----------------------------------------------------------------------------------
@@ -349,6 +353,18 @@ class StochasticDepthState(nn.Module):
     keys; :meth:`get_state` and :meth:`set_state` save and restore what it holds (the
     generator's state and ``drop_scale``), as a trainer's checkpoint should.
 
+    Distributed training: with DDP every process must drop the same blocks, or the
+    gradients of a block dropped on some processes and not on others are averaged with
+    zeros. So in the first training pass after ``torch.distributed`` is initialised
+    (with more than one process) the state takes process 0's generator state on every
+    process, with a warning on those whose generator differed (seeded per process, as
+    timm's ``train.py`` seeds with ``seed + rank``); in ``"batch"`` mode every pass
+    draws the same numbers of the generator, so the processes agree from then on. This
+    is one collective call, made by every process in the same pass, as in DDP, where
+    every process runs each forward pass. Set ``sync_across_processes = False`` where
+    processes train different models or only some of them run this one. Restore a
+    checkpoint's state on every process alike (no collective call is made again).
+
     Parameters
     ----------
     generator : torch.Generator
@@ -361,12 +377,17 @@ class StochasticDepthState(nn.Module):
         [0, 1]: 1 (the default) is the target rate, 0 drops nothing. A drop warm-up
         (``train_lockstep(drop_warmup_steps=...)``) raises it from 0 to 1; see
         :func:`linear_drop_warmup`.
+    sync_across_processes : bool
+        Take process 0's generator state in the first distributed training pass (True
+        by default, see above).
     """
 
     def __init__(self, generator: torch.Generator) -> None:
         super().__init__()
         self.generator = generator
         self._drop_scale = 1.0
+        self.sync_across_processes = True
+        self._synced = False
 
     @property
     def drop_scale(self) -> float:
@@ -379,12 +400,34 @@ class StochasticDepthState(nn.Module):
     @torch.compiler.disable  # random draws on a CPU generator: eager, also under torch.compile
     def draw(self, gates: Sequence[StochasticDepth], batch_size: int) -> list[Decision]:
         """Draw every training gate's decision for one forward pass, and hand each its own."""
+        if self.sync_across_processes and not self._synced and any(gate.training for gate in gates):
+            self._take_generator_of_process_0()
         decisions = []
         for gate in gates:
             if gate.training:
                 gate.decision = gate.draw(batch_size, self._drop_scale)
                 decisions.append(gate.decision)
         return decisions
+
+    def _take_generator_of_process_0(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return  # not distributed (yet): look again at the next training pass
+        own = self.generator.get_state()
+        # NCCL moves CUDA tensors only; the other backends move CPU tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        received = own.to(device, copy=True)  # (to() without copy would receive into own itself)
+        dist.broadcast(received, src=0)
+        received = received.cpu()
+        if not torch.equal(received, own):
+            warnings.warn(
+                f"process {dist.get_rank()}: the stochastic-depth generator differs from process 0's "
+                "(seeded differently on each process?); taking process 0's, so that every process drops "
+                "the same blocks. Set stochastic_depth_state(model).sync_across_processes = False where "
+                "processes should draw on their own.",
+                stacklevel=2,
+            )
+            self.generator.set_state(received)
+        self._synced = True
 
     def get_state(self) -> dict[str, Any]:
         """``{"generator": its state, "drop_scale": float}``: all it needs to continue exactly."""
@@ -433,6 +476,41 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution without bias (a BatchNorm follows)."""
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class AvgPoolZeroPad(nn.Module):
+    """He et al.'s "option A" shortcut: subsample, then append zero channels. No parameters.
+
+    The shortcut of the paper's CIFAR networks where a block changes resolution and width:
+    ``stride x stride`` average pooling with stride ``stride`` (as the official Lua code,
+    ``SpatialAveragePooling(2, 2, 2, 2)``), then ``out_planes - in_planes`` channels of zeros
+    after the input's channels.
+
+    Parameters
+    ----------
+    in_planes, out_planes : int
+        Channels in and out; ``out_planes >= in_planes``.
+    stride : int
+        Pooling window and stride; 1 pads only.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int = 1) -> None:
+        super().__init__()
+        if out_planes < in_planes or stride < 1:
+            raise ValueError(
+                f"an option-A shortcut can only add channels and subsample: got {in_planes} -> {out_planes} "
+                f"channels with stride {stride}"
+            )
+        self.in_planes, self.out_planes, self.stride = in_planes, out_planes, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, self.stride)
+        # F.pad's last pair is the channel dimension of an NCHW tensor: zeros after the channels.
+        return F.pad(x, (0, 0, 0, 0, 0, self.out_planes - self.in_planes))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
 
 
 class _ResidualBlock(nn.Module):
@@ -524,7 +602,7 @@ class ResNet(nn.Module):
         Block class used in every stage.
     layers : sequence of int
         Number of blocks in each stage; each stage after the first halves the
-        resolution with a stride-2 block whose shortcut is a 1x1 projection.
+        resolution with a stride-2 block.
     widths : sequence of int
         Base width of each stage (the block's output has ``width * block.expansion``
         channels).
@@ -538,6 +616,10 @@ class ResNet(nn.Module):
     zero_init_residual : bool
         Start each branch's last BatchNorm at zero, so every block starts as the
         identity (as torchvision offers).
+    shortcut : {"projection", "A"}
+        Shortcut of a block that changes resolution or width: ``"projection"``, a 1x1
+        convolution and BatchNorm (He et al.'s option B, torchvision's); ``"A"``, the
+        parameter-free ``AvgPoolZeroPad`` (He et al.'s CIFAR networks, the paper's).
 
     Notes
     -----
@@ -555,8 +637,12 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         stem: Literal["imagenet", "cifar"] = "imagenet",
         zero_init_residual: bool = False,
+        shortcut: ShortcutKind = "projection",
     ) -> None:
         super().__init__()
+        if shortcut not in ("projection", "A"):
+            raise ValueError(f"unknown shortcut {shortcut!r}: expected 'projection' or 'A'")
+        self.shortcut = shortcut
         if len(layers) != len(widths):
             raise ValueError(f"layers and widths must have one entry per stage, got {list(layers)} and {list(widths)}")
         if stem not in ("imagenet", "cifar"):
@@ -590,12 +676,15 @@ class ResNet(nn.Module):
                 nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
     def _make_layer(self, block: type[_ResidualBlock], planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
+        downsample: nn.Module | None = None
         if stride != 1 or self.in_planes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.in_planes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
+            if self.shortcut == "A":
+                downsample = AvgPoolZeroPad(self.in_planes, planes * block.expansion, stride)
+            else:
+                downsample = nn.Sequential(
+                    conv1x1(self.in_planes, planes * block.expansion, stride),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
         layers = [block(self.in_planes, planes, stride, downsample)]
         self.in_planes = planes * block.expansion
         layers += [block(self.in_planes, planes) for _ in range(1, num_blocks)]
@@ -619,17 +708,26 @@ class ResNet(nn.Module):
         return cls(block, layers, **kwargs)
 
     @classmethod
-    def cifar(cls, depth: int = 110, **kwargs) -> Self:
+    def cifar(cls, depth: int = 110, shortcut: ShortcutKind = "A", **kwargs) -> Self:
         """He et al.'s CIFAR ResNets, as used by Huang et al.: depth = 6n + 2.
 
         Three stages of ``n`` basic blocks with 16, 32 and 64 filters on a 3x3 stem at
-        full resolution (ResNet-110: n = 18, L = 54 blocks; ResNet-1202: n = 200).
-        Downsampling shortcuts are 1x1 projections.
+        full resolution (ResNet-110: n = 18, L = 54 blocks; ResNet-1202: n = 200). By
+        default the two blocks that halve the resolution and double the width have
+        option-A shortcuts (``AvgPoolZeroPad``), as in the paper's code, so that for 10
+        classes ResNet-20 has 269,722 parameters and ResNet-110 1,727,962 (He et al.'s
+        0.27M and 1.7M). Convolutions have no bias: each is followed by a BatchNorm, whose
+        shift makes a bias redundant (the official Lua code keeps one, which adds 16, 32
+        or 64 parameters per convolution and changes nothing the network can compute).
+        Every block, the downsampling ones included, can be dropped by stochastic depth;
+        a dropped downsampling block outputs ``relu(shortcut(x))``.
 
         Parameters
         ----------
         depth : int
             ``6n + 2``: 20, 32, 44, 56, 110, 1202 or any other such number.
+        shortcut : {"A", "projection"}
+            ``"A"`` (the paper's) or ``"projection"``: 1x1 convolution and BatchNorm.
         **kwargs
             Passed to the class; ``in_channels`` defaults to 3, ``num_classes`` to 10.
         """
@@ -637,7 +735,7 @@ class ResNet(nn.Module):
             raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (e.g. {_CIFAR_DEPTHS}), got {depth}")
         n = (depth - 2) // 6
         kwargs.setdefault("num_classes", 10)
-        return cls(BasicBlock, [n, n, n], widths=(16, 32, 64), stem="cifar", **kwargs)
+        return cls(BasicBlock, [n, n, n], widths=(16, 32, 64), stem="cifar", shortcut=shortcut, **kwargs)
 
     @property
     def blocks(self) -> list[_ResidualBlock]:

@@ -16,6 +16,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from resnet_with_stochastic_depth import (
+    AvgPoolZeroPad,
     BasicBlock,
     Bottleneck,
     ResNet,
@@ -31,7 +32,7 @@ from resnet_with_stochastic_depth import (
 
 
 def tiny_pair(seed=0, **stochastic_kwargs):
-    """A CIFAR ResNet-14 (L = 6 blocks, one projection per later stage) and its stochastic twin."""
+    """A CIFAR ResNet-14 (L = 6 blocks, one option-A shortcut per later stage) and its stochastic twin."""
     torch.manual_seed(seed)
     plain = ResNet.cifar(14)
     torch.manual_seed(seed)
@@ -118,6 +119,58 @@ def test_bad_depths_and_stems_are_rejected():
 def test_wrong_input_says_what_was_expected_and_what_came(shape, message):
     with pytest.raises(ValueError, match=message):
         StochasticResNet.cifar(14)(torch.zeros(shape))
+
+
+# ---------------------------------------------------------------------------------- the paper's CIFAR networks
+
+
+@pytest.mark.parametrize("depth, expected", [(20, 269_722), (110, 1_727_962)])
+def test_cifar_resnets_have_he_et_als_parameter_counts(depth, expected):
+    count = sum(p.numel() for p in ResNet.cifar(depth).parameters())
+    assert count == expected
+    assert sum(p.numel() for p in StochasticResNet.cifar(depth).parameters()) == expected
+    # The two projections (conv 1x1 and BatchNorm) of option B add 16*32 + 2*32 + 32*64 + 2*64 parameters.
+    assert sum(p.numel() for p in ResNet.cifar(depth, shortcut="projection").parameters()) == expected + 2752
+
+
+def test_option_a_shortcut_pools_two_by_two_and_appends_zero_channels():
+    shortcut = AvgPoolZeroPad(2, 5, stride=2)
+    assert list(shortcut.parameters()) == [] and list(shortcut.buffers()) == []
+    x = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).reshape(2, 2, 4, 4)
+    out = shortcut(x)
+    assert out.shape == (2, 5, 2, 2)
+    # Top-left window of sample 0, channel 0: pixels 0, 1, 4, 5.
+    assert out[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
+    torch.testing.assert_close(out[:, :2], F.avg_pool2d(x, 2))
+    assert not out[:, 2:].any()
+    with pytest.raises(ValueError, match="32 -> 16"):
+        AvgPoolZeroPad(32, 16, 2)
+
+
+def test_every_block_of_resnet110_is_gated_and_a_dropped_downsampling_block_is_relu_of_its_shortcut():
+    model = StochasticResNet.cifar(110, seed=0)
+    assert len(stochastic_depth_gates(model)) == 54
+    assert all(block.stochastic_depth is not None for block in model.blocks)
+    downsampling = [block for block in model.blocks if block.downsample is not None]
+    assert len(downsampling) == 2 and all(isinstance(b.downsample, AvgPoolZeroPad) for b in downsampling)
+    seen, calls = [], []
+    for block in downsampling:
+        block.stochastic_depth.survival_prob = 0.0  # always dropped
+        block.conv1.register_forward_hook(lambda *_: calls.append(1))
+        block.register_forward_hook(lambda block, inputs, out: seen.append((block, inputs[0].clone(), out.clone())))
+    model(torch.randn(3, 3, 16, 16))
+    assert calls == [] and len(seen) == 2
+    for block, x, out in seen:
+        torch.testing.assert_close(out, F.relu(block.downsample(x)), atol=0, rtol=0)
+        assert out.shape == (3, block.conv1.out_channels, x.shape[2] // 2, x.shape[3] // 2)
+
+
+def test_projection_shortcuts_remain_an_option():
+    model = StochasticResNet.cifar(20, shortcut="projection")
+    assert isinstance(model.layer2[0].downsample, torch.nn.Sequential)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="shortcut 'B'"):
+        ResNet.cifar(20, shortcut="B")
 
 
 # ---------------------------------------------------------------------------------- drop statistics
@@ -644,31 +697,49 @@ def test_drop_scale_is_checked_and_part_of_the_state():
 # ---------------------------------------------------------------------------------- distributed
 
 
-def _ddp_worker(rank, world_size, init_file, results):
+def _ddp_worker(rank, world_size, init_file, seeding, results):
+    import warnings
+
     import torch.distributed as dist
 
+    from resnet_with_stochastic_depth import stochastic_depth_state
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    torch.manual_seed(100 + rank)  # different global RNG on each rank: the model's generator must decide
-    model = StochasticResNet.cifar(14, seed=1234)
+    torch.manual_seed(100 + rank)  # different global RNG on each rank, as timm's train.py (seed + rank)
+    if seeding == "same":
+        model = StochasticResNet.cifar(14, seed=1234)
+    else:  # the generator's seed comes from the global RNG: a different one on each rank
+        model = StochasticResNet.cifar(14)
+        stochastic_depth_state(model).sync_across_processes = seeding != "per_rank_opt_out"
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     x, y = batch(4, seed=rank)  # different data on each rank
     drops = []
-    for _ in range(8):
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(x), y).backward()
-        optimizer.step()
-        drops.append(model.active_blocks.clone())
-    results[rank] = torch.stack(drops)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+            drops.append(model.active_blocks.clone())
+    messages = [str(w.message) for w in caught if "stochastic-depth generator" in str(w.message)]
+    results[rank] = (torch.stack(drops), messages)
     dist.destroy_process_group()
 
 
-def test_distributed_ranks_with_the_same_seed_drop_the_same_blocks(tmp_path):
+@pytest.mark.parametrize("seeding", ["same", "per_rank", "per_rank_opt_out"])
+def test_distributed_ranks_drop_the_same_blocks_even_when_seeded_per_rank(tmp_path, seeding):
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", results), nprocs=2)
-        drops = [results[0], results[1]]
-    assert torch.equal(drops[0], drops[1])
-    assert not drops[0].all()  # some blocks were actually dropped
+        mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", seeding, results), nprocs=2)
+        (drops0, warned0), (drops1, warned1) = results[0], results[1]
+    assert not drops0.all()  # some blocks were actually dropped
+    if seeding == "per_rank_opt_out":  # each process draws on its own, as asked
+        assert not torch.equal(drops0, drops1) and warned0 == warned1 == []
+        return
+    assert torch.equal(drops0, drops1)
+    assert warned0 == []  # process 0's generator is the one taken
+    # Process 1 says so when it had to take it, and only then.
+    assert (len(warned1) == 1 and "taking process 0's" in warned1[0]) if seeding == "per_rank" else warned1 == []
