@@ -118,6 +118,9 @@ class StudySettings:
     eval_samples: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.p_lasts, str):
+            raise ValueError(f"p_lasts must be a list of numbers, got the string {self.p_lasts!r} "
+                             "(with papermill, pass a list as YAML: -y 'p_lasts: [0.8, 0.5]')")
         p_lasts = tuple(float(p) for p in self.p_lasts)
         object.__setattr__(self, "p_lasts", p_lasts)
         if not p_lasts or len(set(p_lasts)) != len(p_lasts):

@@ -233,6 +233,8 @@ def test_bad_settings_fail_up_front_naming_the_value():
         study.StudySettings(layout="cifar", depth=9)
     with pytest.raises(ValueError, match="p_last must be a probability in \\[0, 1\\], got 1.5"):
         study.StudySettings(p_lasts=(0.5, 1.5))
+    with pytest.raises(ValueError, match="p_lasts must be a list of numbers, got the string '\\[0.5\\]'"):
+        study.StudySettings(p_lasts="[0.5]")
     with pytest.raises(ValueError, match="distinct"):
         study.StudySettings(p_lasts=(0.5, 0.5))
     with pytest.raises(ValueError, match="evaluations \\(700\\) cannot exceed iterations \\(600\\)"):
