@@ -14,6 +14,7 @@ fraction of samples a row_subset branch runs on, in row_subset mode.
 Usage::
 
     python benchmarks/bench_training_step.py [--device cpu] [--batch-size 128] [--rounds 15]
+        [--clock process --threads 1]   # CPU time: for a CPU shared with other jobs
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def flop_floors(p_last: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, di
     }
 
 
-def time_steps(variants, x, y, device, rounds: int, warmup: int) -> dict[str, list[float]]:
+def time_steps(variants, x, y, device, rounds: int, warmup: int, clock=time.perf_counter) -> dict[str, list[float]]:
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
@@ -108,24 +109,32 @@ def time_steps(variants, x, y, device, rounds: int, warmup: int) -> dict[str, li
         for name in order:
             model, optimizer = variants[name], optimizers[name]
             sync()
-            start = time.perf_counter()
+            start = clock()
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
             sync()
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times
 
 
-def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: int = 3, p_last: float = 0.5) -> dict:
-    """Time every variant on one batch; return what ``main`` writes as JSON."""
+def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: int = 3, p_last: float = 0.5,
+        clock: str = "wall") -> dict:
+    """Time every variant on one batch; return what ``main`` writes as JSON.
+
+    `clock`: "wall" (``time.perf_counter``), or on a CPU "process" (``time.process_time``:
+    the CPU time of this process, which other jobs on a shared machine barely change; with
+    one thread it is the step's compute time).
+    """
+    if clock == "process" and device.type != "cpu":
+        raise ValueError(f"clock='process' measures CPU time: it needs device cpu, got {device}")
     torch.manual_seed(0)
     x = torch.randn(batch_size, 1, 28, 28, device=device)
     y = torch.randint(10, (batch_size,), device=device)
     floors = flop_floors(p_last, x.cpu(), y.cpu())
     variants = {name: m.to(device).train() for name, m in build_variants(p_last).items()}
-    times = time_steps(variants, x, y, device, rounds, warmup)
+    times = time_steps(variants, x, y, device, rounds, warmup, time.process_time if clock == "process" else time.perf_counter)
     plain = statistics.median(times[PLAIN])
     rows = [
         {"variant": name, "median_s": statistics.median(samples),
@@ -140,6 +149,7 @@ def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: i
         "batch_size": batch_size,
         "p_last": p_last,
         "rounds": rounds,
+        "clock": clock,
         "flops": floors["batch"],
         "flops_row_subset": floors["row_subset"],
         "results": rows,
@@ -148,7 +158,8 @@ def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: i
 
 def print_table(result: dict) -> None:
     print(f"\nOne training step, ResNet-50, batch {result['batch_size']}x1x28x28, {result['device']}, "
-          f"torch {result['torch']}, {result['threads']} threads, median of {result['rounds']}")
+          f"torch {result['torch']}, {result['threads']} threads, median of {result['rounds']}, "
+          f"{result.get('clock', 'wall')} clock")
     print(f"{'variant':45s} {'median ms':>10s} {'/ plain':>8s}")
     for row in result["results"]:
         print(f"{row['variant']:45s} {1e3 * row['median_s']:10.1f} {row['ratio_to_plain']:8.3f}")
@@ -167,10 +178,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--p-last", type=float, default=0.5)
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU time of this process (CPU only), for a machine shared with other jobs")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's choice")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training_step.json")
     args = parser.parse_args()
 
-    result = run(torch.device(args.device), args.batch_size, args.rounds, args.warmup, args.p_last)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(torch.device(args.device), args.batch_size, args.rounds, args.warmup, args.p_last, args.clock)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
