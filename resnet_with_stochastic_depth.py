@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet as tv_resnet
 
 __all__ = [
+    "AvgPoolZeroPad",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
@@ -67,6 +68,7 @@ __all__ = [
 SurvivalRule = Literal["linear", "uniform"] | Sequence[float]
 DropMode = Literal["batch", "row", "row_subset"]
 DROP_MODES = ("batch", "row", "row_subset")
+ShortcutKind = Literal["projection", "A"]
 
 
 # ----------------------------------------------------------------------------------
@@ -435,6 +437,41 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+class AvgPoolZeroPad(nn.Module):
+    """He et al.'s "option A" shortcut: subsample, then append zero channels. No parameters.
+
+    The shortcut of the paper's CIFAR networks where a block changes resolution and width:
+    ``stride x stride`` average pooling with stride ``stride`` (as the official Lua code,
+    ``SpatialAveragePooling(2, 2, 2, 2)``), then ``out_planes - in_planes`` channels of zeros
+    after the input's channels.
+
+    Parameters
+    ----------
+    in_planes, out_planes : int
+        Channels in and out; ``out_planes >= in_planes``.
+    stride : int
+        Pooling window and stride; 1 pads only.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int = 1) -> None:
+        super().__init__()
+        if out_planes < in_planes or stride < 1:
+            raise ValueError(
+                f"an option-A shortcut can only add channels and subsample: got {in_planes} -> {out_planes} "
+                f"channels with stride {stride}"
+            )
+        self.in_planes, self.out_planes, self.stride = in_planes, out_planes, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, self.stride)
+        # F.pad's last pair is the channel dimension of an NCHW tensor: zeros after the channels.
+        return F.pad(x, (0, 0, 0, 0, 0, self.out_planes - self.in_planes))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
+
+
 class _ResidualBlock(nn.Module):
     """``relu(shortcut(x) + branch(x))``, with an optional stochastic-depth gate."""
 
@@ -524,7 +561,7 @@ class ResNet(nn.Module):
         Block class used in every stage.
     layers : sequence of int
         Number of blocks in each stage; each stage after the first halves the
-        resolution with a stride-2 block whose shortcut is a 1x1 projection.
+        resolution with a stride-2 block.
     widths : sequence of int
         Base width of each stage (the block's output has ``width * block.expansion``
         channels).
@@ -538,6 +575,10 @@ class ResNet(nn.Module):
     zero_init_residual : bool
         Start each branch's last BatchNorm at zero, so every block starts as the
         identity (as torchvision offers).
+    shortcut : {"projection", "A"}
+        Shortcut of a block that changes resolution or width: ``"projection"``, a 1x1
+        convolution and BatchNorm (He et al.'s option B, torchvision's); ``"A"``, the
+        parameter-free ``AvgPoolZeroPad`` (He et al.'s CIFAR networks, the paper's).
 
     Notes
     -----
@@ -555,8 +596,12 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         stem: Literal["imagenet", "cifar"] = "imagenet",
         zero_init_residual: bool = False,
+        shortcut: ShortcutKind = "projection",
     ) -> None:
         super().__init__()
+        if shortcut not in ("projection", "A"):
+            raise ValueError(f"unknown shortcut {shortcut!r}: expected 'projection' or 'A'")
+        self.shortcut = shortcut
         if len(layers) != len(widths):
             raise ValueError(f"layers and widths must have one entry per stage, got {list(layers)} and {list(widths)}")
         if stem not in ("imagenet", "cifar"):
@@ -590,12 +635,15 @@ class ResNet(nn.Module):
                 nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
     def _make_layer(self, block: type[_ResidualBlock], planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
+        downsample: nn.Module | None = None
         if stride != 1 or self.in_planes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.in_planes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
+            if self.shortcut == "A":
+                downsample = AvgPoolZeroPad(self.in_planes, planes * block.expansion, stride)
+            else:
+                downsample = nn.Sequential(
+                    conv1x1(self.in_planes, planes * block.expansion, stride),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
         layers = [block(self.in_planes, planes, stride, downsample)]
         self.in_planes = planes * block.expansion
         layers += [block(self.in_planes, planes) for _ in range(1, num_blocks)]
@@ -619,17 +667,26 @@ class ResNet(nn.Module):
         return cls(block, layers, **kwargs)
 
     @classmethod
-    def cifar(cls, depth: int = 110, **kwargs) -> Self:
+    def cifar(cls, depth: int = 110, shortcut: ShortcutKind = "A", **kwargs) -> Self:
         """He et al.'s CIFAR ResNets, as used by Huang et al.: depth = 6n + 2.
 
         Three stages of ``n`` basic blocks with 16, 32 and 64 filters on a 3x3 stem at
-        full resolution (ResNet-110: n = 18, L = 54 blocks; ResNet-1202: n = 200).
-        Downsampling shortcuts are 1x1 projections.
+        full resolution (ResNet-110: n = 18, L = 54 blocks; ResNet-1202: n = 200). By
+        default the two blocks that halve the resolution and double the width have
+        option-A shortcuts (``AvgPoolZeroPad``), as in the paper's code, so that for 10
+        classes ResNet-20 has 269,722 parameters and ResNet-110 1,727,962 (He et al.'s
+        0.27M and 1.7M). Convolutions have no bias: each is followed by a BatchNorm, whose
+        shift makes a bias redundant (the official Lua code keeps one, which adds 16, 32
+        or 64 parameters per convolution and changes nothing the network can compute).
+        Every block, the downsampling ones included, can be dropped by stochastic depth;
+        a dropped downsampling block outputs ``relu(shortcut(x))``.
 
         Parameters
         ----------
         depth : int
             ``6n + 2``: 20, 32, 44, 56, 110, 1202 or any other such number.
+        shortcut : {"A", "projection"}
+            ``"A"`` (the paper's) or ``"projection"``: 1x1 convolution and BatchNorm.
         **kwargs
             Passed to the class; ``in_channels`` defaults to 3, ``num_classes`` to 10.
         """
@@ -637,7 +694,7 @@ class ResNet(nn.Module):
             raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (e.g. {_CIFAR_DEPTHS}), got {depth}")
         n = (depth - 2) // 6
         kwargs.setdefault("num_classes", 10)
-        return cls(BasicBlock, [n, n, n], widths=(16, 32, 64), stem="cifar", **kwargs)
+        return cls(BasicBlock, [n, n, n], widths=(16, 32, 64), stem="cifar", shortcut=shortcut, **kwargs)
 
     @property
     def blocks(self) -> list[_ResidualBlock]:

@@ -16,6 +16,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from resnet_with_stochastic_depth import (
+    AvgPoolZeroPad,
     BasicBlock,
     Bottleneck,
     ResNet,
@@ -31,7 +32,7 @@ from resnet_with_stochastic_depth import (
 
 
 def tiny_pair(seed=0, **stochastic_kwargs):
-    """A CIFAR ResNet-14 (L = 6 blocks, one projection per later stage) and its stochastic twin."""
+    """A CIFAR ResNet-14 (L = 6 blocks, one option-A shortcut per later stage) and its stochastic twin."""
     torch.manual_seed(seed)
     plain = ResNet.cifar(14)
     torch.manual_seed(seed)
@@ -118,6 +119,58 @@ def test_bad_depths_and_stems_are_rejected():
 def test_wrong_input_says_what_was_expected_and_what_came(shape, message):
     with pytest.raises(ValueError, match=message):
         StochasticResNet.cifar(14)(torch.zeros(shape))
+
+
+# ---------------------------------------------------------------------------------- the paper's CIFAR networks
+
+
+@pytest.mark.parametrize("depth, expected", [(20, 269_722), (110, 1_727_962)])
+def test_cifar_resnets_have_he_et_als_parameter_counts(depth, expected):
+    count = sum(p.numel() for p in ResNet.cifar(depth).parameters())
+    assert count == expected
+    assert sum(p.numel() for p in StochasticResNet.cifar(depth).parameters()) == expected
+    # The two projections (conv 1x1 and BatchNorm) of option B add 16*32 + 2*32 + 32*64 + 2*64 parameters.
+    assert sum(p.numel() for p in ResNet.cifar(depth, shortcut="projection").parameters()) == expected + 2752
+
+
+def test_option_a_shortcut_pools_two_by_two_and_appends_zero_channels():
+    shortcut = AvgPoolZeroPad(2, 5, stride=2)
+    assert list(shortcut.parameters()) == [] and list(shortcut.buffers()) == []
+    x = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).reshape(2, 2, 4, 4)
+    out = shortcut(x)
+    assert out.shape == (2, 5, 2, 2)
+    # Top-left window of sample 0, channel 0: pixels 0, 1, 4, 5.
+    assert out[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
+    torch.testing.assert_close(out[:, :2], F.avg_pool2d(x, 2))
+    assert not out[:, 2:].any()
+    with pytest.raises(ValueError, match="32 -> 16"):
+        AvgPoolZeroPad(32, 16, 2)
+
+
+def test_every_block_of_resnet110_is_gated_and_a_dropped_downsampling_block_is_relu_of_its_shortcut():
+    model = StochasticResNet.cifar(110, seed=0)
+    assert len(stochastic_depth_gates(model)) == 54
+    assert all(block.stochastic_depth is not None for block in model.blocks)
+    downsampling = [block for block in model.blocks if block.downsample is not None]
+    assert len(downsampling) == 2 and all(isinstance(b.downsample, AvgPoolZeroPad) for b in downsampling)
+    seen, calls = [], []
+    for block in downsampling:
+        block.stochastic_depth.survival_prob = 0.0  # always dropped
+        block.conv1.register_forward_hook(lambda *_: calls.append(1))
+        block.register_forward_hook(lambda block, inputs, out: seen.append((block, inputs[0].clone(), out.clone())))
+    model(torch.randn(3, 3, 16, 16))
+    assert calls == [] and len(seen) == 2
+    for block, x, out in seen:
+        torch.testing.assert_close(out, F.relu(block.downsample(x)), atol=0, rtol=0)
+        assert out.shape == (3, block.conv1.out_channels, x.shape[2] // 2, x.shape[3] // 2)
+
+
+def test_projection_shortcuts_remain_an_option():
+    model = StochasticResNet.cifar(20, shortcut="projection")
+    assert isinstance(model.layer2[0].downsample, torch.nn.Sequential)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="shortcut 'B'"):
+        ResNet.cifar(20, shortcut="B")
 
 
 # ---------------------------------------------------------------------------------- drop statistics
