@@ -36,6 +36,7 @@ __all__ = [
     "History",
     "NonFiniteLossError",
     "pick_device",
+    "save_atomically",
     "train_lockstep",
 ]
 
@@ -571,9 +572,16 @@ def _save_checkpoint(
         "rng": _rng_states(models),
         "history": history.to_dict(),
     }
-    # Write beside and rename, so that a crash while saving leaves the previous checkpoint whole.
+    save_atomically(checkpoint, path)
+
+
+def save_atomically(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to `path` through a file beside it and a rename.
+
+    A crash or a full disk while saving leaves the previous file at `path` whole.
+    """
     partial = Path(f"{path}.partial")
-    torch.save(checkpoint, partial)
+    torch.save(obj, partial)
     os.replace(partial, path)
 
 

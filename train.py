@@ -1,0 +1,510 @@
+"""Train one ResNet, plain or with stochastic depth, with the paper's recipe.
+
+The defaults are Huang et al.'s CIFAR recipe (ECCV 2016, and their official code): ResNet-110
+with option-A shortcuts, linear decay to p_L = 0.5, SGD with Nesterov momentum 0.9, weight
+decay 1e-4, batch 128, lr 0.1 divided by 10 after 50% and 75% of 500 epochs, shifts of up to
+4 pixels and horizontal flips, a 45k/5k train/validation split, and as the result the test
+error at the epoch of lowest validation error. SVHN gets the paper's SVHN recipe (ResNet-152,
+50 epochs, lr drops after epochs 30 and 35, no augmentation).
+
+Usage::
+
+    python train.py --dataset cifar10 --output-dir runs/c10-sd        # stochastic depth
+    python train.py --dataset cifar10 --plain --output-dir runs/c10   # constant depth
+    python train.py --dataset cifar10 --output-dir runs/c10-sd --resume
+    torchrun --nproc_per_node 4 train.py --dataset cifar100 --output-dir runs/c100-sd
+
+Under ``torchrun`` every process trains a DistributedDataParallel replica on its share of
+each batch (``--batch-size`` is the batch of all processes together, so the recipe does not
+change with their number), all processes drop the same blocks at every step, and only rank 0
+writes files and shows progress. Each epoch ``--output-dir`` gets ``metrics.json``,
+``metrics.csv`` and ``checkpoint.pt`` (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import image_data
+from resnet_with_stochastic_depth import ResNet, StochasticResNet
+from training import BatchSampler, save_atomically
+
+# Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe
+# without flips, which would turn some digits into others.
+RECIPES: dict[str, dict[str, Any]] = {
+    "cifar10": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate-flip"),
+    "cifar100": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate-flip"),
+    "svhn": dict(depth=152, epochs=50, lr_milestones=[0.6, 0.7], augmentation="none"),
+    "mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
+    "fashion-mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
+}
+# Options that define the run: a resumed run must be given the same ones.
+RECIPE_OPTIONS = (
+    "dataset", "val_size", "depth", "shortcut", "p_last", "plain", "survival_rule", "epochs", "batch_size",
+    "lr", "momentum", "weight_decay", "nesterov", "lr_milestones", "dropped_update", "augmentation", "seed",
+)  # fmt: skip
+METRIC_COLUMNS = (
+    "epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
+    "epoch_time_s", "eval_time_s", "mean_active_blocks",
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train a ResNet with stochastic depth (or without) with the paper's recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=image_data.DATASETS, default="cifar10")
+    data.add_argument("--data-dir", help="where the dataset is or goes (default: per dataset, see image_data.py)")
+    data.add_argument("--no-download", dest="download", action="store_false", help="never download a missing dataset")
+    data.add_argument("--val-size", type=int, help="validation images held out of the training set (default: the paper's)")
+    data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"], help="default: per dataset")
+    model = parser.add_argument_group("model")
+    model.add_argument("--depth", type=int, help="6n+2; default 110 (SVHN: 152)")
+    model.add_argument("--shortcut", choices=["A", "projection"], default="A")
+    model.add_argument("--p-last", type=float, default=0.5, help="survival probability of the last block; 1 = plain")
+    model.add_argument("--plain", action="store_true", help="train the plain ResNet (same as --p-last 1)")
+    model.add_argument("--survival-rule", choices=["linear", "uniform"], default="linear")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, help="default 500 (SVHN: 50)")
+    optim.add_argument("--batch-size", type=int, default=128, help="of all processes together")
+    optim.add_argument("--lr", type=float, default=0.1)
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, default=1e-4)
+    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    optim.add_argument("--lr-milestones", type=float, nargs="+", help="fractions of --epochs after which lr /= 10")
+    optim.add_argument(
+        "--dropped-update",
+        choices=["decay", "skip"],
+        default="decay",
+        help="'decay': a dropped block's parameters get a zero gradient, so weight decay and momentum still "
+        "move them (the official code, which produced the paper's numbers); 'skip': they are left alone "
+        "for that step (PyTorch's optimizers skip parameters whose grad is None)",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", default="outputs/train")
+    run.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                     help="continue from CHECKPOINT (default: OUTPUT_DIR/checkpoint.pt)")  # fmt: skip
+    run.add_argument("--seed", type=int, default=0, help="weights, split, batch order, drops, augmentation")
+    run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
+    run.add_argument("--device", help="default: cuda (this process's GPU under torchrun) if available, else cpu")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="channels_last memory format (default: on CUDA only)")  # fmt: skip
+    run.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
+    run.add_argument("--eval-batch-size", type=int, default=1000)
+    run.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
+    run.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+
+    for name, value in RECIPES[args.dataset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.plain:
+        args.p_last = 1.0
+    args.plain = args.p_last == 1.0
+    if args.depth < 8 or (args.depth - 2) % 6:
+        parser.error(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {args.depth}")
+    if not 0.0 < args.p_last <= 1.0:
+        parser.error(f"--p-last must be in (0, 1], got {args.p_last}")
+    for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be positive, got {args.max_steps}")
+    if any(not 0.0 < f <= 1.0 for f in args.lr_milestones):
+        parser.error(f"--lr-milestones are fractions of the epochs in (0, 1], got {args.lr_milestones}")
+    if args.seed < 0:
+        parser.error(f"--seed must be non-negative, got {args.seed}")
+    return args
+
+
+# ----------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place in the run: rank, number of processes, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def start_processes(device: str | None) -> Processes:
+    """Join torchrun's process group if launched by it (environment variables), else run alone."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Processes(rank, world_size, local_rank, device)
+
+
+def _all_reduce_sum(tensor: Tensor, processes: Processes) -> Tensor:
+    if processes.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------
+# Model, optimiser, evaluation
+# ----------------------------------------------------------------------------------
+
+
+def build_model(args: argparse.Namespace, in_channels: int, num_classes: int) -> ResNet:
+    """The CIFAR ResNet of ``args.depth``; stochastic unless ``args.plain``. Same weights for the same seed."""
+    torch.manual_seed(args.seed)
+    common = dict(in_channels=in_channels, num_classes=num_classes, shortcut=args.shortcut)
+    if args.plain:
+        return ResNet.cifar(args.depth, **common)
+    return StochasticResNet.cifar(
+        args.depth, p_last=args.p_last, survival_rule=args.survival_rule, seed=args.seed, **common
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: image_data.mnist.Split, preprocess: image_data.Preprocess, args: argparse.Namespace,
+    processes: Processes, autocast: Any,
+) -> tuple[float, float]:
+    """Mean cross-entropy and error rate on `split`; each process evaluates its share."""
+    model.eval()
+    totals = torch.zeros(3, device=processes.device)  # loss sum, errors, count
+    indices = torch.arange(processes.rank, len(split.labels), processes.world_size, device=processes.device)
+    for chunk in indices.split(args.eval_batch_size):
+        with autocast:
+            logits = model(preprocess(split.images[chunk]))
+        labels = split.labels[chunk]
+        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        totals[1] += (logits.argmax(1) != labels).sum()
+        totals[2] += len(chunk)
+    model.train()
+    loss, errors, count = _all_reduce_sum(totals, processes).tolist()
+    return loss / count, errors / count
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints and metrics
+# ----------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: Path, args: argparse.Namespace, processes: Processes) -> dict[str, Any]:
+    """Rank 0 reads the checkpoint and sends it to the others (no shared disk needed)."""
+    box: list[Any] = [None]
+    if processes.is_main:
+        if not path.is_file():
+            box[0] = FileNotFoundError(f"--resume: no checkpoint at {path}")
+        else:
+            box[0] = torch.load(path, map_location="cpu", weights_only=True)
+    if processes.distributed:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    checkpoint = box[0]
+    differing = [
+        f"--{name.replace('_', '-')} {checkpoint['recipe'][name]!r} there, {getattr(args, name)!r} here"
+        for name in RECIPE_OPTIONS
+        if checkpoint["recipe"][name] != getattr(args, name)
+    ]
+    if differing:
+        raise ValueError(f"{path} is a run with other options ({'; '.join(differing)}): resume it with the same options")
+    return checkpoint
+
+
+def write_metrics(output_dir: Path, records: list[dict[str, Any]], summary: dict[str, Any], config: dict[str, Any]) -> None:
+    (output_dir / "metrics.json").write_text(json.dumps({"config": config, "summary": summary, "epochs": records}, indent=1))
+    with (output_dir / "metrics.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's result: test error at the epoch of lowest validation error (the first such epoch)."""
+    if not records:
+        return {}
+    summary: dict[str, Any] = {"epochs_done": len(records), "final_test_error": records[-1]["test_error"]}
+    if records[0]["val_error"] is not None:
+        best = min(records, key=lambda r: r["val_error"])
+        summary.update(best_val_epoch=best["epoch"], best_val_error=best["val_error"], test_error_at_best_val=best["test_error"])
+    times = sorted(r["epoch_time_s"] for r in records)
+    summary.update(median_epoch_time_s=times[len(times) // 2], total_train_time_s=sum(times))
+    return summary
+
+
+# ----------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What :func:`main` returns: per-epoch metrics, the summary, the model and (if asked) the drops."""
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    model: nn.Module
+    steps: int
+    drops: list[Tensor] | None = None
+
+
+def _augmentation_seed(seed: int, step: int) -> int:
+    # Each step's shifts and flips depend on the seed and step alone: no state to checkpoint,
+    # and the same for any number of processes.
+    return (seed << 32) + step
+
+
+def main(argv: list[str] | None = None, *, record_drops: bool = False) -> RunResult:
+    """Run ``train.py`` with the command-line arguments `argv` (default: ``sys.argv``).
+
+    `record_drops` keeps each step's ``active_blocks`` in the result (for tests).
+    """
+    args = parse_args(argv)
+    processes = start_processes(args.device)
+    try:
+        return train(args, processes, record_drops=record_drops)
+    finally:
+        if processes.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool = False) -> RunResult:
+    device, is_main = processes.device, processes.is_main
+    output_dir = Path(args.output_dir)
+    checkpoint_path = output_dir / "checkpoint.pt"
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint = load_checkpoint(checkpoint_path if args.resume is True else Path(args.resume), args, processes)
+    elif is_main and checkpoint_path.exists():
+        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or another --output-dir")
+    if args.batch_size < processes.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is smaller than the {processes.world_size} processes")
+
+    # Data: the first process of each machine downloads, the others wait and then read.
+    if processes.local_rank != 0:
+        processes.barrier()
+    splits = image_data.load_splits(
+        args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, download=args.download
+    )
+    if processes.local_rank == 0:
+        processes.barrier()
+    mean_image, std = image_data.normalisation(splits.train)
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    preprocess = image_data.Preprocess(mean_image, std, args.augmentation, channels_last)
+    val, test = (image_data.mnist.Split(s.images.to(device), s.labels.to(device)) for s in (splits.val, splits.test))
+    # Every process draws the same global batches and takes its share (rank::world_size).
+    batches = BatchSampler(splits.train.images, splits.train.labels, args.batch_size, seed=args.seed, device=device)
+    steps_per_epoch = batches.batches_per_epoch
+    last_batch = len(splits.train.labels) - (steps_per_epoch - 1) * args.batch_size
+    if last_batch < processes.world_size:
+        raise ValueError(
+            f"the last batch of an epoch has {last_batch} images, fewer than the {processes.world_size} processes: "
+            "change --batch-size or --val-size"
+        )
+
+    model = build_model(args, splits.train.images.shape[1], splits.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stochastic = isinstance(model, StochasticResNet)
+    network: nn.Module = model
+    if processes.distributed:
+        # Dropped blocks produce no gradient: DDP must look for unused parameters each step.
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=stochastic
+        )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, dampening=0.0,
+        weight_decay=args.weight_decay, nesterov=args.nesterov,
+    )  # fmt: skip
+    milestones = [round(f * args.epochs) for f in args.lr_milestones]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    set_to_none = args.dropped_update == "skip"
+    if not set_to_none:  # zero gradients that stay zero when a block is dropped (DDP leaves them untouched)
+        for parameter in model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+
+    step, records = 0, []
+    partial: dict[str, Any] = {}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        batches.load_state_dict(checkpoint["batches"])
+        if stochastic:
+            model.generator.set_state(checkpoint["drop_generator"])
+        step, records, partial = checkpoint["step"], checkpoint["records"], checkpoint["partial_epoch"]
+
+    def save_checkpoint(partial_epoch: dict[str, Any]) -> None:
+        if is_main:
+            save_atomically(
+                {
+                    "recipe": {name: getattr(args, name) for name in RECIPE_OPTIONS},
+                    "step": step,
+                    "records": records,
+                    "partial_epoch": partial_epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "batches": batches.state_dict(),
+                    "drop_generator": model.generator.get_state() if stochastic else None,
+                },
+                checkpoint_path,
+            )
+
+    config = {**vars(args), "world_size": processes.world_size, "device": str(device),
+              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}  # fmt: skip
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print(f"train.py: {args.dataset}, ResNet-{args.depth} ({config['parameters']:,} parameters), "
+              f"{'plain' if args.plain else f'stochastic depth p_L={args.p_last}'}, {processes.world_size} "
+              f"process(es) on {device}, {steps_per_epoch} steps per epoch", flush=True)  # fmt: skip
+
+    total_steps = args.epochs * steps_per_epoch
+    stop_at = min(total_steps, args.max_steps or total_steps)
+    augment_generator = torch.Generator(device)
+    drops: list[Tensor] | None = [] if record_drops else None
+    bar = tqdm(total=stop_at, initial=step, disable=not (is_main and args.progress), unit="step", dynamic_ncols=True)
+    while step < stop_at:
+        epoch = step // steps_per_epoch  # 0-based
+        # Training totals of this epoch: loss sum and errors on the device (no sync per step),
+        # image count on the host (a tensor made from it on a GPU would wait for the GPU).
+        totals = partial.get("totals", torch.zeros(2)).to(device)
+        images_seen = partial.get("images_seen", 0)
+        active_blocks, seconds = partial.get("active_blocks", 0.0), partial.get("seconds", 0.0)
+        pending: list[Tensor] = []
+        epoch_end = min((epoch + 1) * steps_per_epoch, stop_at)
+        _synchronize(device)
+        start = time.perf_counter()
+        while step < epoch_end:
+            images, labels = batches.next_batch()
+            augment_generator.manual_seed(_augmentation_seed(args.seed, step))
+            images = preprocess(images, augment_generator)[processes.rank :: processes.world_size]
+            labels = labels[processes.rank :: processes.world_size]
+            optimizer.zero_grad(set_to_none=set_to_none)
+            with autocast:
+                logits = network(images)
+                loss = F.cross_entropy(logits, labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            with torch.no_grad():
+                totals[0] += loss.detach().float() * len(labels)
+                totals[1] += (logits.argmax(1) != labels).sum()
+            images_seen += len(labels)
+            pending.append(loss.detach().float())
+            if stochastic:
+                active_blocks += model.active_blocks.sum().item()
+                if drops is not None:
+                    drops.append(model.active_blocks.clone())
+            if len(pending) == args.log_every or step == epoch_end:
+                losses = _all_reduce_sum(torch.stack(pending), processes) / processes.world_size
+                bad = (~torch.isfinite(losses)).nonzero()
+                if len(bad):
+                    first_bad = step - len(pending) + int(bad[0]) + 1
+                    raise FloatingPointError(
+                        f"training loss is {losses[bad[0]].item()} at optimizer step {first_bad} (epoch {epoch + 1}); "
+                        f"stopped; the last checkpoint in {output_dir} is from before it"
+                    )
+                bar.update(len(pending))
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1].item():.3f}", refresh=False)
+                pending = []
+        _synchronize(device)
+        seconds += time.perf_counter() - start
+
+        if step < (epoch + 1) * steps_per_epoch:  # stopped by --max-steps inside the epoch
+            partial = {"totals": totals.cpu(), "images_seen": images_seen, "active_blocks": active_blocks, "seconds": seconds}
+            save_checkpoint(partial)
+            break
+        partial = {}
+        eval_start = time.perf_counter()
+        _share_batchnorm_statistics(model, processes)
+        val_loss, val_error = evaluate(model, val, preprocess, args, processes, autocast) if len(val.labels) else (None, None)
+        test_loss, test_error = evaluate(model, test, preprocess, args, processes, autocast)
+        loss_sum, errors, count = _all_reduce_sum(torch.cat([totals, torch.tensor([images_seen], device=device)]), processes).tolist()
+        records.append({
+            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / count, "train_error": errors / count,
+            "val_loss": val_loss, "val_error": val_error, "test_loss": test_loss, "test_error": test_error,
+            "epoch_time_s": seconds, "eval_time_s": time.perf_counter() - eval_start,
+            "mean_active_blocks": active_blocks / steps_per_epoch if stochastic else float(len(model.blocks)),
+        })  # fmt: skip
+        scheduler.step()
+        save_checkpoint({})
+        if is_main:
+            write_metrics(output_dir, records, summarise(records), config)
+            r = records[-1]
+            val_text = "" if val_error is None else f"val error {100 * val_error:.2f}%, "
+            tqdm.write(f"epoch {r['epoch']}/{args.epochs}: train loss {r['train_loss']:.4f}, {val_text}"
+                       f"test error {100 * test_error:.2f}%, {seconds:.1f} s")  # fmt: skip
+    bar.close()
+    summary = summarise(records)
+    if is_main and records:
+        write_metrics(output_dir, records, summary, config)
+    if is_main:
+        where = f"stopped after step {step} of {total_steps}" if step < total_steps else "done"
+        print(f"train.py: {where}; {json.dumps(summary)}", flush=True)
+    return RunResult(records, summary, model, step, drops)
+
+
+def _share_batchnorm_statistics(model: nn.Module, processes: Processes) -> None:
+    """Give every process rank 0's BatchNorm statistics: each process updated its own on its
+    share of the batches, and rank 0's are the ones evaluated everywhere and checkpointed."""
+    if processes.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (image_data.DatasetUnavailableError, FileExistsError, FloatingPointError, ValueError) as error:
+        sys.exit(f"train.py: error: {error}")
