@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # Options that define the run: a resumed run must be given the same ones.
 RECIPE_OPTIONS = (
-    "dataset", "val_size", "depth", "shortcut", "p_last", "plain", "survival_rule", "epochs", "batch_size",
+    "dataset", "val_size", "train_subset", "depth", "shortcut", "p_last", "plain", "survival_rule", "epochs", "batch_size",
     "lr", "momentum", "weight_decay", "nesterov", "lr_milestones", "dropped_update", "augmentation", "seed",
 )  # fmt: skip
 METRIC_COLUMNS = (
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--data-dir", help="where the dataset is or goes (default: per dataset, see image_data.py)")
     data.add_argument("--no-download", dest="download", action="store_false", help="never download a missing dataset")
     data.add_argument("--val-size", type=int, help="validation images held out of the training set (default: the paper's)")
+    data.add_argument("--train-subset", type=int, help="train on only this many images (smoke tests, quick runs)")
     data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"], help="default: per dataset")
     model = parser.add_argument_group("model")
     model.add_argument("--depth", type=int, help="6n+2; default 110 (SVHN: 152)")
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.train_subset is not None and args.train_subset < 1:
+        parser.error(f"--train-subset must be positive, got {args.train_subset}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be positive, got {args.max_steps}")
     if any(not 0.0 < f <= 1.0 for f in args.lr_milestones):
@@ -172,6 +176,7 @@ def start_processes(device: str | None) -> Processes:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels (as the official code)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
@@ -198,6 +203,40 @@ def build_model(args: argparse.Namespace, in_channels: int, num_classes: int) ->
     return StochasticResNet.cifar(
         args.depth, p_last=args.p_last, survival_rule=args.survival_rule, seed=args.seed, **common
     )
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+    """The recipe's SGD (Nesterov, no dampening) and its lr schedule, stepped once per epoch."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, dampening=0.0,
+        weight_decay=args.weight_decay, nesterov=args.nesterov,
+    )  # fmt: skip
+    # lr /= 10 after floor(f * epochs) epochs: the paper's "after epochs 250 and 375" of 500, and the
+    # official code's rule (epoch < f * epochs keeps the higher rate) where f * epochs is not whole.
+    milestones = [math.floor(f * args.epochs) for f in args.lr_milestones]
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+
+
+def mixed_precision(amp: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
+    """Autocast context and gradient scaler for ``--amp`` none, bf16 or fp16 (the only one that scales)."""
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    autocast = torch.autocast(device.type, dtype) if dtype is not None else nullcontext()
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def training_step(
+    network: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, autocast: Any,
+    images: Tensor, labels: Tensor, set_to_none: bool,
+) -> tuple[Tensor, Tensor]:
+    """One optimizer step on one batch; returns the loss and the logits (not synchronised)."""
+    optimizer.zero_grad(set_to_none=set_to_none)
+    with autocast:
+        logits = network(images)
+        loss = F.cross_entropy(logits, labels)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
 
 
 @torch.no_grad()
@@ -326,6 +365,8 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
     )
     if processes.local_rank == 0:
         processes.barrier()
+    if args.train_subset is not None:  # the split is random, so the first images are a random subset
+        splits.train = image_data.mnist.Split(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
     mean_image, std = image_data.normalisation(splits.train)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     preprocess = image_data.Preprocess(mean_image, std, args.augmentation, channels_last)
@@ -350,15 +391,8 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=stochastic
         )
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, dampening=0.0,
-        weight_decay=args.weight_decay, nesterov=args.nesterov,
-    )  # fmt: skip
-    milestones = [round(f * args.epochs) for f in args.lr_milestones]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer, scheduler = make_optimizer(model, args)
+    autocast, scaler = mixed_precision(args.amp, device)
     set_to_none = args.dropped_update == "skip"
     if not set_to_none:  # zero gradients that stay zero when a block is dropped (DDP leaves them untouched)
         for parameter in model.parameters():
@@ -423,13 +457,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
             augment_generator.manual_seed(_augmentation_seed(args.seed, step))
             images = preprocess(images, augment_generator)[processes.rank :: processes.world_size]
             labels = labels[processes.rank :: processes.world_size]
-            optimizer.zero_grad(set_to_none=set_to_none)
-            with autocast:
-                logits = network(images)
-                loss = F.cross_entropy(logits, labels)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = training_step(network, optimizer, scaler, autocast, images, labels, set_to_none)
             step += 1
             with torch.no_grad():
                 totals[0] += loss.detach().float() * len(labels)

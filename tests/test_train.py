@@ -132,8 +132,11 @@ def test_fake_cifar_trains_with_the_recipe_and_writes_metrics_and_checkpoint_eac
     assert result.steps == 6 and len(result.records) == 2
     assert isinstance(result.model, StochasticResNet)
     metrics = json.loads((out / "metrics.json").read_text())
-    # 2 epochs, milestones at 50% and 75%: lr 0.1 in epoch 1, 0.01 in epoch 2.
-    assert [r["lr"] for r in metrics["epochs"]] == pytest.approx([0.1, 0.01])
+    # 2 epochs, milestones at 50% and 75% (floor(1.0) = floor(1.5) = 1): lr 0.1, then 0.001, as the official code.
+    assert [r["lr"] for r in metrics["epochs"]] == pytest.approx([0.1, 0.001])
+    # 15 epochs: as the official code, epochs 1-7 at 0.1, 8-11 at 0.01, 12-15 at 0.001; 500: after 250 and 375.
+    assert train.make_optimizer(result.model, train.parse_args(["--epochs", "15"]))[1].milestones == {7: 1, 11: 1}
+    assert train.make_optimizer(result.model, train.parse_args([]))[1].milestones == {250: 1, 375: 1}
     for record in metrics["epochs"]:
         assert 0 <= record["val_error"] <= 1 and 0 <= record["test_error"] <= 1
         assert 0 < record["mean_active_blocks"] <= 3  # ResNet-8 has 3 blocks
@@ -174,7 +177,7 @@ def test_nan_loss_stops_and_names_the_first_bad_step(fake_cifar, tmp_path):
 
 @pytest.mark.parametrize("dropped_update", ["decay", "skip"])
 def test_dropped_blocks_get_weight_decay_only_in_decay_mode(fake_cifar, tmp_path, dropped_update):
-    argv = cifar_argv(fake_cifar, tmp_path, "--epochs", "1", "--max-steps", "1", "--survival-rule", "uniform",
+    argv = cifar_argv(fake_cifar, tmp_path, "--epochs", "2", "--max-steps", "1", "--survival-rule", "uniform",
                       "--p-last", "0.3", "--dropped-update", dropped_update, "--seed", "1")  # fmt: skip
     result = train.main(argv, record_drops=True)
     args = train.parse_args(argv)
@@ -183,9 +186,12 @@ def test_dropped_blocks_get_weight_decay_only_in_decay_mode(fake_cifar, tmp_path
     assert dropped, "this seed should drop a block in the first step"
     for i in dropped:
         for before, after in zip(initial.blocks[i].parameters(), result.model.blocks[i].parameters()):
-            assert torch.equal(before, after) == (dropped_update == "skip")
-            if dropped_update == "decay":  # SGD with a zero gradient: w - lr * wd * w
-                torch.testing.assert_close(after, before * (1 - 0.1 * 1e-4), atol=1e-7, rtol=0)
+            if dropped_update == "skip":
+                assert torch.equal(before, after)
+            else:
+                assert before.count_nonzero() == 0 or not torch.equal(before, after)
+                # First Nesterov step with a zero gradient: d = wd * w, buffer = d, w -= lr * (d + 0.9 * buffer).
+                torch.testing.assert_close(after, before * (1 - 0.1 * 1.9 * 1e-4), atol=1e-7, rtol=0)
 
 
 # ---------------------------------------------------------------------------------- distributed
