@@ -217,6 +217,23 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.op
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
 
+def prepare_gradients(model: nn.Module, dropped_update: str) -> bool:
+    """Set up ``--dropped-update``; returns the ``set_to_none`` to pass to ``zero_grad``.
+
+    "decay" (the official code): every parameter gets a zero gradient now, and ``zero_grad``
+    keeps zeroing it, so a dropped block's stays zero and SGD still applies weight decay and
+    momentum to it (DDP leaves the gradients of parameters no process used untouched).
+    "skip": gradients are set to None before each step, so a dropped block's stay None and SGD
+    leaves its parameters and momentum as they are.
+    """
+    if dropped_update not in ("decay", "skip"):
+        raise ValueError(f"unknown dropped_update {dropped_update!r}: expected 'decay' or 'skip'")
+    if dropped_update == "decay":
+        for parameter in model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+    return dropped_update == "skip"
+
+
 def mixed_precision(amp: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
     """Autocast context and gradient scaler for ``--amp`` none, bf16 or fp16 (the only one that scales)."""
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -393,10 +410,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         )
     optimizer, scheduler = make_optimizer(model, args)
     autocast, scaler = mixed_precision(args.amp, device)
-    set_to_none = args.dropped_update == "skip"
-    if not set_to_none:  # zero gradients that stay zero when a block is dropped (DDP leaves them untouched)
-        for parameter in model.parameters():
-            parameter.grad = torch.zeros_like(parameter)
+    set_to_none = prepare_gradients(model, args.dropped_update)
 
     step, records = 0, []
     partial: dict[str, Any] = {}
