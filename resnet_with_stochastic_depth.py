@@ -38,10 +38,12 @@ from __future__ import annotations
 import functools
 import math
 import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Self
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -351,6 +353,18 @@ class StochasticDepthState(nn.Module):
     keys; :meth:`get_state` and :meth:`set_state` save and restore what it holds (the
     generator's state and ``drop_scale``), as a trainer's checkpoint should.
 
+    Distributed training: with DDP every process must drop the same blocks, or the
+    gradients of a block dropped on some processes and not on others are averaged with
+    zeros. So in the first training pass after ``torch.distributed`` is initialised
+    (with more than one process) the state takes process 0's generator state on every
+    process, with a warning on those whose generator differed (seeded per process, as
+    timm's ``train.py`` seeds with ``seed + rank``); in ``"batch"`` mode every pass
+    draws the same numbers of the generator, so the processes agree from then on. This
+    is one collective call, made by every process in the same pass, as in DDP, where
+    every process runs each forward pass. Set ``sync_across_processes = False`` where
+    processes train different models or only some of them run this one. Restore a
+    checkpoint's state on every process alike (no collective call is made again).
+
     Parameters
     ----------
     generator : torch.Generator
@@ -363,12 +377,17 @@ class StochasticDepthState(nn.Module):
         [0, 1]: 1 (the default) is the target rate, 0 drops nothing. A drop warm-up
         (``train_lockstep(drop_warmup_steps=...)``) raises it from 0 to 1; see
         :func:`linear_drop_warmup`.
+    sync_across_processes : bool
+        Take process 0's generator state in the first distributed training pass (True
+        by default, see above).
     """
 
     def __init__(self, generator: torch.Generator) -> None:
         super().__init__()
         self.generator = generator
         self._drop_scale = 1.0
+        self.sync_across_processes = True
+        self._synced = False
 
     @property
     def drop_scale(self) -> float:
@@ -381,12 +400,34 @@ class StochasticDepthState(nn.Module):
     @torch.compiler.disable  # random draws on a CPU generator: eager, also under torch.compile
     def draw(self, gates: Sequence[StochasticDepth], batch_size: int) -> list[Decision]:
         """Draw every training gate's decision for one forward pass, and hand each its own."""
+        if self.sync_across_processes and not self._synced and any(gate.training for gate in gates):
+            self._take_generator_of_process_0()
         decisions = []
         for gate in gates:
             if gate.training:
                 gate.decision = gate.draw(batch_size, self._drop_scale)
                 decisions.append(gate.decision)
         return decisions
+
+    def _take_generator_of_process_0(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return  # not distributed (yet): look again at the next training pass
+        own = self.generator.get_state()
+        # NCCL moves CUDA tensors only; the other backends move CPU tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        received = own.to(device, copy=True)  # (to() without copy would receive into own itself)
+        dist.broadcast(received, src=0)
+        received = received.cpu()
+        if not torch.equal(received, own):
+            warnings.warn(
+                f"process {dist.get_rank()}: the stochastic-depth generator differs from process 0's "
+                "(seeded differently on each process?); taking process 0's, so that every process drops "
+                "the same blocks. Set stochastic_depth_state(model).sync_across_processes = False where "
+                "processes should draw on their own.",
+                stacklevel=2,
+            )
+            self.generator.set_state(received)
+        self._synced = True
 
     def get_state(self) -> dict[str, Any]:
         """``{"generator": its state, "drop_scale": float}``: all it needs to continue exactly."""

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import image_data
-from resnet_with_stochastic_depth import ResNet, StochasticResNet
+from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_depth_state
 from training import BatchSampler, save_atomically
 
 # Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe
@@ -421,7 +421,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         scaler.load_state_dict(checkpoint["scaler"])
         batches.load_state_dict(checkpoint["batches"])
         if stochastic:
-            model.generator.set_state(checkpoint["drop_generator"])
+            stochastic_depth_state(model).set_state(checkpoint["stochastic_depth"])
         step, records, partial = checkpoint["step"], checkpoint["records"], checkpoint["partial_epoch"]
 
     def save_checkpoint(partial_epoch: dict[str, Any]) -> None:
@@ -437,7 +437,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "batches": batches.state_dict(),
-                    "drop_generator": model.generator.get_state() if stochastic else None,
+                    "stochastic_depth": stochastic_depth_state(model).get_state() if stochastic else None,
                 },
                 checkpoint_path,
             )

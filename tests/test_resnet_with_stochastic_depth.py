@@ -697,31 +697,49 @@ def test_drop_scale_is_checked_and_part_of_the_state():
 # ---------------------------------------------------------------------------------- distributed
 
 
-def _ddp_worker(rank, world_size, init_file, results):
+def _ddp_worker(rank, world_size, init_file, seeding, results):
+    import warnings
+
     import torch.distributed as dist
 
+    from resnet_with_stochastic_depth import stochastic_depth_state
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    torch.manual_seed(100 + rank)  # different global RNG on each rank: the model's generator must decide
-    model = StochasticResNet.cifar(14, seed=1234)
+    torch.manual_seed(100 + rank)  # different global RNG on each rank, as timm's train.py (seed + rank)
+    if seeding == "same":
+        model = StochasticResNet.cifar(14, seed=1234)
+    else:  # the generator's seed comes from the global RNG: a different one on each rank
+        model = StochasticResNet.cifar(14)
+        stochastic_depth_state(model).sync_across_processes = seeding != "per_rank_opt_out"
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     x, y = batch(4, seed=rank)  # different data on each rank
     drops = []
-    for _ in range(8):
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(x), y).backward()
-        optimizer.step()
-        drops.append(model.active_blocks.clone())
-    results[rank] = torch.stack(drops)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+            drops.append(model.active_blocks.clone())
+    messages = [str(w.message) for w in caught if "stochastic-depth generator" in str(w.message)]
+    results[rank] = (torch.stack(drops), messages)
     dist.destroy_process_group()
 
 
-def test_distributed_ranks_with_the_same_seed_drop_the_same_blocks(tmp_path):
+@pytest.mark.parametrize("seeding", ["same", "per_rank", "per_rank_opt_out"])
+def test_distributed_ranks_drop_the_same_blocks_even_when_seeded_per_rank(tmp_path, seeding):
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", results), nprocs=2)
-        drops = [results[0], results[1]]
-    assert torch.equal(drops[0], drops[1])
-    assert not drops[0].all()  # some blocks were actually dropped
+        mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", seeding, results), nprocs=2)
+        (drops0, warned0), (drops1, warned1) = results[0], results[1]
+    assert not drops0.all()  # some blocks were actually dropped
+    if seeding == "per_rank_opt_out":  # each process draws on its own, as asked
+        assert not torch.equal(drops0, drops1) and warned0 == warned1 == []
+        return
+    assert torch.equal(drops0, drops1)
+    assert warned0 == []  # process 0's generator is the one taken
+    # Process 1 says so when it had to take it, and only then.
+    assert (len(warned1) == 1 and "taking process 0's" in warned1[0]) if seeding == "per_rank" else warned1 == []
