@@ -548,5 +548,5 @@ def _synchronize(device: torch.device) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (image_data.DatasetUnavailableError, FileExistsError, FloatingPointError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as error:  # say what, not where
         sys.exit(f"train.py: error: {error}")
