@@ -30,6 +30,7 @@ lab: venv
 benchmark: venv
 	$(PY) benchmarks/bench_training_step.py
 	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_ddp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
