@@ -31,6 +31,11 @@ Public API
     The drop warm-up schedule of ``StochasticDepthState.drop_scale``.
 ``training_flop_floor``
     The fraction of a plain training step's FLOPs that stochastic depth still computes.
+``training_operator_count``
+    The operators (GPU kernel launches) of a training step, which bound a small
+    network's step on a GPU.
+``draw_decisions``
+    The gates' random draws for one training pass, all gates of a mode at once.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode  # what FlopCounterMode is built on
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet as tv_resnet
 
@@ -60,10 +66,12 @@ __all__ = [
     "StochasticResNet",
     "add_stochastic_depth",
     "compile_branches",
+    "draw_decisions",
     "linear_drop_warmup",
     "stochastic_depth_gates",
     "stochastic_depth_state",
     "training_flop_floor",
+    "training_operator_count",
     "survival_probabilities",
 ]
 
@@ -149,13 +157,18 @@ def survival_probabilities(
 class Decision(NamedTuple):
     """One gate's draw for one forward pass of its model.
 
-    ``active``: a bool scalar (``"batch"``) or one bool per sample (the row modes).
+    ``active``: a bool scalar (``"batch"``) or one bool per sample (the row modes), on
+    the CPU.
     ``survival_prob``: the survival probability it was drawn with (``p_l``, or less
     during a drop warm-up), which the training-time scaling uses.
+    ``kept``: the row modes' indices of the samples that keep the branch, ascending,
+    already on the device of the model's input when the model drew them; None in
+    ``"batch"`` mode.
     """
 
     active: Tensor
     survival_prob: float
+    kept: Tensor | None = None
 
 
 def _subset_size(batch_size: int, survival_prob: float) -> int:
@@ -163,6 +176,71 @@ def _subset_size(batch_size: int, survival_prob: float) -> int:
     if survival_prob == 0.0:
         return 0
     return min(batch_size, max(1, math.floor(batch_size * survival_prob + 0.5)))
+
+
+def _warmed_up(survival_prob: float, drop_scale: float) -> float:
+    """The survival probability when only `drop_scale` of the drop probability applies."""
+    return 1.0 - drop_scale * (1.0 - survival_prob)
+
+
+def _indices_to(indices: Tensor, device: torch.device | None) -> Tensor:
+    """`indices` (on the CPU) on `device`, without making the host wait for a GPU."""
+    if device is None or indices.device == device:
+        return indices
+    if device.type == "cuda":
+        # A copy from pageable memory waits for the GPU to finish all queued work;
+        # from pinned memory it does not.
+        indices = indices.pin_memory()
+    return indices.to(device, non_blocking=True)
+
+
+def draw_decisions(
+    mode: DropMode,
+    survival_probs: Sequence[float],
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> list[Decision]:
+    """Draw one training pass's decisions for several gates of one mode, all at once.
+
+    A handful of operators per pass instead of several per gate, and in the row
+    modes one copy of every gate's kept indices to `device`: the host work that
+    bounds a GPU step of a small network. ``"batch"`` and ``"row"`` take the same
+    numbers from `generator` as one draw per gate in turn would.
+
+    Parameters
+    ----------
+    mode : {"batch", "row", "row_subset"}
+        As for :class:`StochasticDepth`.
+    survival_probs : sequence of float
+        Each gate's survival probability in this pass.
+    batch_size : int
+        Samples in the pass (unused in ``"batch"`` mode).
+    generator : torch.Generator, optional
+        CPU generator to draw from.
+    device : torch.device, optional
+        Where the row modes' ``kept`` indices go (the device of the model's input);
+        the CPU if None.
+
+    Returns
+    -------
+    list of Decision
+        One per survival probability, in order.
+    """
+    probs = torch.tensor(survival_probs, dtype=torch.get_default_dtype())
+    if mode == "batch":
+        active = torch.rand(len(probs), generator=generator) < probs
+        return [Decision(a, p) for a, p in zip(active.unbind(), survival_probs)]
+    if mode == "row":
+        active = torch.rand(len(probs), batch_size, generator=generator) < probs[:, None]
+    else:
+        # The k smallest of B uniform keys are a uniformly chosen k-subset; float64 keys
+        # make a tie (which would bias the choice towards lower indices) practically impossible.
+        keys = torch.rand(len(probs), batch_size, generator=generator, dtype=torch.float64)
+        subset_sizes = torch.tensor([_subset_size(batch_size, p) for p in survival_probs])
+        active = keys.argsort(dim=1).argsort(dim=1) < subset_sizes[:, None]
+    kept = _indices_to(active.nonzero()[:, 1], device).split(active.sum(dim=1).tolist())
+    return [Decision(a, p, k) for a, p, k in zip(active.unbind(), survival_probs, kept)]
 
 
 def _stochastic_depth_cannot_train_traced(shortcut: Tensor) -> Tensor:
@@ -262,15 +340,8 @@ class StochasticDepth(nn.Module):
             Fraction of the drop probability ``1 - survival_prob`` to apply: 0 keeps
             every branch, 1 (the default) is the target rate; a drop warm-up ramps it.
         """
-        p = 1.0 - drop_scale * (1.0 - self.survival_prob)
-        if self.mode == "batch":
-            active = torch.rand((), generator=self.generator) < p
-        elif self.mode == "row":
-            active = torch.rand(batch_size, generator=self.generator) < p
-        else:
-            chosen = torch.randperm(batch_size, generator=self.generator)[: _subset_size(batch_size, p)]
-            active = torch.zeros(batch_size, dtype=torch.bool).index_fill_(0, chosen, True)
-        return Decision(active, p)
+        p = _warmed_up(self.survival_prob, drop_scale)
+        return draw_decisions(self.mode, [p], batch_size, self.generator)[0]
 
     def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
         p = self.survival_prob
@@ -284,32 +355,28 @@ class StochasticDepth(nn.Module):
             return _stochastic_depth_cannot_train_traced(shortcut)
 
         decision = self._decision_for(x.shape[0])
-        keep = self.last_active = decision.active
+        self.last_active = decision.active
         if self.mode == "batch":
-            if not keep:
+            if not decision.active:
                 return shortcut
-            return shortcut + self._train_scale(branch(x), decision.survival_prob, decision.survival_prob)
+            return shortcut.add(branch(x), alpha=self._train_scale(decision.survival_prob, decision.survival_prob))
 
-        kept = keep.nonzero().squeeze(1)
+        kept = decision.kept
         if len(kept) == 0:
             return shortcut
         # Each sample keeps the branch with probability p ("row") or k / B ("row_subset").
-        inclusion = decision.survival_prob if self.mode == "row" else len(kept) / len(keep)
-        if len(kept) == len(keep):
-            return shortcut + self._train_scale(branch(x), decision.survival_prob, inclusion)
-        if x.is_cuda:
-            # A copy from pageable memory waits for the GPU to finish all queued work;
-            # from pinned memory it does not.
-            kept = kept.pin_memory()
-        kept = kept.to(x.device, non_blocking=True)
+        inclusion = decision.survival_prob if self.mode == "row" else len(kept) / x.shape[0]
+        scale = self._train_scale(decision.survival_prob, inclusion)
+        if len(kept) == x.shape[0]:
+            return shortcut.add(branch(x), alpha=scale)
+        kept = _indices_to(kept, x.device)  # a no-op when the model drew them for this device
         if len(kept) > 1:
             residual = branch(x.index_select(0, kept))
         else:
             # BatchNorm cannot normalise one sample on 1x1 feature maps: for this rare
             # case the branch runs on the whole batch and we keep the one row.
             residual = branch(x).index_select(0, kept)
-        residual = self._train_scale(residual, decision.survival_prob, inclusion)
-        return shortcut.index_add(0, kept, residual.to(shortcut.dtype))
+        return shortcut.index_add(0, kept, residual.to(shortcut.dtype), alpha=scale)
 
     def _decision_for(self, batch_size: int) -> Decision:
         if not self.drawn_by_model:
@@ -326,15 +393,14 @@ class StochasticDepth(nn.Module):
             )
         return self.decision
 
-    def _train_scale(self, residual: Tensor, survival_prob: float, inclusion: float) -> Tensor:
-        """A kept residual while training, scaled so that its expectation is ``p * residual``.
+    def _train_scale(self, survival_prob: float, inclusion: float) -> float:
+        """The factor of a kept residual while training, so that its expectation is ``p * residual``.
 
         (``residual`` itself when ``inverted``.) `inclusion` is the probability that a
         sample kept the branch: `survival_prob` in "batch" and "row", ``k / B`` in
-        "row_subset".
+        "row_subset". Applied as ``alpha`` of the add, which saves a multiplication.
         """
-        scale = (1.0 if self.inverted else survival_prob) / inclusion
-        return residual if scale == 1.0 else residual * scale
+        return (1.0 if self.inverted else survival_prob) / inclusion
 
     def extra_repr(self) -> str:
         return f"survival_prob={self.survival_prob:.4f}, mode={self.mode}, inverted={self.inverted}"
@@ -398,16 +464,22 @@ class StochasticDepthState(nn.Module):
         self._drop_scale = _check_probability(value, "drop_scale")
 
     @torch.compiler.disable  # random draws on a CPU generator: eager, also under torch.compile
-    def draw(self, gates: Sequence[StochasticDepth], batch_size: int) -> list[Decision]:
-        """Draw every training gate's decision for one forward pass, and hand each its own."""
-        if self.sync_across_processes and not self._synced and any(gate.training for gate in gates):
+    def draw(self, gates: Sequence[StochasticDepth], batch_size: int, device: torch.device | None = None) -> None:
+        """Draw every training gate's decision for one forward pass, and hand each its own.
+
+        The gates of each mode are drawn together (:func:`draw_decisions`); in the row
+        modes their kept indices are moved to `device`, the input's, in one copy.
+        """
+        training = [gate for gate in gates if gate.training]
+        if self.sync_across_processes and not self._synced and training:
             self._take_generator_of_process_0()
-        decisions = []
-        for gate in gates:
-            if gate.training:
-                gate.decision = gate.draw(batch_size, self._drop_scale)
-                decisions.append(gate.decision)
-        return decisions
+        for mode in DROP_MODES:
+            group = [gate for gate in training if gate.mode == mode]
+            if not group:
+                continue
+            probs = [_warmed_up(gate.survival_prob, self._drop_scale) for gate in group]
+            for gate, decision in zip(group, draw_decisions(mode, probs, batch_size, self.generator, device)):
+                gate.decision = decision
 
     def _take_generator_of_process_0(self) -> None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -447,8 +519,10 @@ def _draw_decisions(model: nn.Module, args: tuple[Any, ...]) -> None:
     state = stochastic_depth_state(model)
     if state is None:
         return
-    batch_size = args[0].shape[0] if args and isinstance(args[0], Tensor) else 0
-    state.draw(stochastic_depth_gates(model), batch_size)
+    if args and isinstance(args[0], Tensor):
+        state.draw(stochastic_depth_gates(model), args[0].shape[0], args[0].device)
+    else:
+        state.draw(stochastic_depth_gates(model), 0)
 
 
 def linear_drop_warmup(step: int, warmup_steps: int) -> float:
@@ -1012,3 +1086,42 @@ def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabili
     fixed = total - sum(block_work)
     expected = fixed + sum(p * w for p, w in zip(probabilities, block_work))
     return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}
+
+
+class _OperatorCounter(TorchDispatchMode):
+    """Counts the ATen operators run under it, views left out (they launch no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def training_operator_count(model: nn.Module, images: Tensor, labels: Tensor) -> int:
+    """ATen operators of one cross-entropy training step of `model`, forward and backward.
+
+    Where a GPU step is bound by kernel launches rather than arithmetic (ResNet-50 on
+    28x28 images on an H100 is), its time follows this count, not the FLOPs: each
+    operator on a GPU tensor is at least one launch, and one on a CPU tensor (a random
+    draw) is host time. Views are not counted. The optimizer step is left out, and the
+    model's gradients are cleared afterwards.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network, in the mode to count (training, for drops).
+    images, labels : torch.Tensor
+        One batch, on the model's device.
+
+    Returns
+    -------
+    int
+        The number of operators.
+    """
+    with _OperatorCounter() as counter:
+        F.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.count

@@ -1,6 +1,7 @@
 """Time one training step of ResNet-50 with and without stochastic depth, beside the peers.
 
-Every variant trains on the same MNIST-sized batch (1x28x28, batch 128 by default):
+Every variant trains on the same batch, MNIST-sized by default (128 x 1x28x28; ``--image``
+sets the image shape, e.g. ``3x224`` for ImageNet-sized, where a GPU step is compute-bound):
 forward, cross-entropy, backward and an Adam step. The variants run interleaved, in a
 shuffled order each round, and the table reports the median step after warm-up, as a
 ratio to the plain ResNet measured in the same run.
@@ -40,6 +41,7 @@ from resnet_with_stochastic_depth import (  # noqa: E402
     stochastic_depth_gates,
     survival_probabilities,
     training_flop_floor,
+    training_operator_count,
 )
 
 PLAIN = "ResNet-50 (plain)"
@@ -59,36 +61,37 @@ class TorchvisionMask(nn.Module):
         return shortcut + residual
 
 
-def resnet50_masked_by_torchvision(mode: str, p_last: float) -> ResNet:
-    model = ResNet.imagenet(50, in_channels=1, num_classes=10)
+def resnet50_masked_by_torchvision(mode: str, p_last: float, in_channels: int) -> ResNet:
+    model = ResNet.imagenet(50, in_channels=in_channels, num_classes=10)
     for block, p in zip(model.blocks, survival_probabilities(len(model.blocks), "linear", p_last)):
         block.stochastic_depth = TorchvisionMask(p, mode)
     return model
 
 
-def build_variants(p_last: float) -> dict[str, nn.Module]:
+def build_variants(p_last: float, in_channels: int = 1) -> dict[str, nn.Module]:
     import timm
 
-    common = dict(in_channels=1, num_classes=10)
+    common = dict(in_channels=in_channels, num_classes=10)
     return {
         PLAIN: ResNet.imagenet(50, **common),
         BLOCK: StochasticResNet.imagenet(50, p_last=p_last, seed=0, **common),
         "StochasticResNet, row mode": StochasticResNet.imagenet(50, p_last=p_last, mode="row", seed=0, **common),
         ROW_SUBSET: StochasticResNet.imagenet(50, p_last=p_last, mode="row_subset", seed=0, **common),
-        "torchvision.ops.stochastic_depth, batch": resnet50_masked_by_torchvision("batch", p_last),
-        "torchvision.ops.stochastic_depth, row": resnet50_masked_by_torchvision("row", p_last),
+        "torchvision.ops.stochastic_depth, batch": resnet50_masked_by_torchvision("batch", p_last, in_channels),
+        "torchvision.ops.stochastic_depth, row": resnet50_masked_by_torchvision("row", p_last, in_channels),
         # timm takes the drop rate of the last block, 1 - p_L.
         f"timm resnet50, drop_path_rate={1 - p_last:g}": timm.create_model(
-            "resnet50", in_chans=1, num_classes=10, drop_path_rate=1 - p_last
+            "resnet50", in_chans=in_channels, num_classes=10, drop_path_rate=1 - p_last
         ),
     }
 
 
 def flop_floors(p_last: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
     """Expected fraction of a plain training step's FLOPs that block and row_subset modes compute."""
-    model = ResNet.imagenet(50, in_channels=1, num_classes=10)
+    common = dict(in_channels=x.shape[1], num_classes=10)
+    model = ResNet.imagenet(50, **common)
     probs = survival_probabilities(len(model.blocks), "linear", p_last)
-    subset = StochasticResNet.imagenet(50, p_last=p_last, mode="row_subset", seed=0, in_channels=1, num_classes=10)
+    subset = StochasticResNet.imagenet(50, p_last=p_last, mode="row_subset", seed=0, **common)
     with torch.no_grad():
         subset(x[:, :, :4, :4])  # a tiny pass, to read the fixed k of each block
     fractions = [gate.last_active.float().mean().item() for gate in stochastic_depth_gates(subset)]
@@ -120,7 +123,7 @@ def time_steps(variants, x, y, device, rounds: int, warmup: int, clock=time.perf
 
 
 def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: int = 3, p_last: float = 0.5,
-        clock: str = "wall") -> dict:
+        clock: str = "wall", image: tuple[int, int, int] = (1, 28, 28)) -> dict:
     """Time every variant on one batch; return what ``main`` writes as JSON.
 
     `clock`: "wall" (``time.perf_counter``), or on a CPU "process" (``time.process_time``:
@@ -130,15 +133,16 @@ def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: i
     if clock == "process" and device.type != "cpu":
         raise ValueError(f"clock='process' measures CPU time: it needs device cpu, got {device}")
     torch.manual_seed(0)
-    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    x = torch.randn(batch_size, *image, device=device)
     y = torch.randint(10, (batch_size,), device=device)
     floors = flop_floors(p_last, x.cpu(), y.cpu())
-    variants = {name: m.to(device).train() for name, m in build_variants(p_last).items()}
+    variants = {name: m.to(device).train() for name, m in build_variants(p_last, image[0]).items()}
     times = time_steps(variants, x, y, device, rounds, warmup, time.process_time if clock == "process" else time.perf_counter)
     plain = statistics.median(times[PLAIN])
     rows = [
         {"variant": name, "median_s": statistics.median(samples),
-         "ratio_to_plain": statistics.median(samples) / plain, "samples_s": samples}
+         "ratio_to_plain": statistics.median(samples) / plain,
+         "operators_per_step": training_operator_count(variants[name], x, y), "samples_s": samples}
         for name, samples in times.items()
     ]
     return {
@@ -147,6 +151,7 @@ def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: i
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,
+        "image": list(image),
         "p_last": p_last,
         "rounds": rounds,
         "clock": clock,
@@ -157,12 +162,14 @@ def run(device: torch.device, batch_size: int = 128, rounds: int = 15, warmup: i
 
 
 def print_table(result: dict) -> None:
-    print(f"\nOne training step, ResNet-50, batch {result['batch_size']}x1x28x28, {result['device']}, "
+    image = "x".join(map(str, result.get("image", (1, 28, 28))))
+    print(f"\nOne training step, ResNet-50, batch {result['batch_size']}x{image}, {result['device']}, "
           f"torch {result['torch']}, {result['threads']} threads, median of {result['rounds']}, "
           f"{result.get('clock', 'wall')} clock")
-    print(f"{'variant':45s} {'median ms':>10s} {'/ plain':>8s}")
+    print(f"{'variant':45s} {'median ms':>10s} {'/ plain':>8s} {'operators':>10s}")
     for row in result["results"]:
-        print(f"{row['variant']:45s} {1e3 * row['median_s']:10.1f} {row['ratio_to_plain']:8.3f}")
+        print(f"{row['variant']:45s} {1e3 * row['median_s']:10.1f} {row['ratio_to_plain']:8.3f} "
+              f"{row.get('operators_per_step', float('nan')):10.0f}")
     ratios = {row["variant"]: row["ratio_to_plain"] for row in result["results"]}
     print()
     for name, floor in ((BLOCK, result["flops"]), (ROW_SUBSET, result["flops_row_subset"])):
@@ -171,10 +178,21 @@ def print_table(result: dict) -> None:
     print(f"plain step {result['flops']['total_gflop']:.1f} GFLOP, of which fixed {result['flops']['fixed_gflop']:.1f}")
 
 
+def parse_image(text: str) -> tuple[int, int, int]:
+    """``"3x224"`` -> ``(3, 224, 224)``."""
+    try:
+        channels, size = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image takes CxS, as in 1x28 or 3x224, got {text!r}") from None
+    return channels, size, size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image", type=parse_image, default=(1, 28, 28),
+                        help="CxS for square CxSxS images (default 1x28); 3x224 is ImageNet-sized")
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--p-last", type=float, default=0.5)
@@ -186,7 +204,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(torch.device(args.device), args.batch_size, args.rounds, args.warmup, args.p_last, args.clock)
+    result = run(torch.device(args.device), args.batch_size, args.rounds, args.warmup, args.p_last, args.clock, args.image)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_with_stochastic_depth import StochasticResNet, compile_branches
+from resnet_with_stochastic_depth import StochasticResNet, compile_branches, stochastic_depth_gates
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -90,6 +90,15 @@ def test_cuda_autocast(dtype, mode):
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         out = model(x)
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["row", "row_subset"])
+def test_the_model_moves_every_gates_kept_indices_to_the_gpu_in_one_copy(mode):
+    model, x, y = model_and_batch(mode)
+    model.cuda()(x.cuda())
+    kept = [gate.decision.kept for gate in stochastic_depth_gates(model)]
+    assert all(k.is_cuda for k in kept)
+    assert len({k.untyped_storage().data_ptr() for k in kept}) == 1  # views of one tensor
 
 
 def test_compile_branches_with_inductor_matches_eager():
