@@ -1,15 +1,20 @@
-"""Everything issue 8 measures on a CUDA GPU, in one run of about two minutes on an H100.
+"""Everything issue 8 measures on a CUDA GPU, in one run of about three minutes on an H100.
 
-1. The training-step table of ``bench_training_step.py`` (every variant, row_subset
-   included), median of 30 steps.
-2. Compiled (``compile_branches``, inductor) against eager training steps
+1. ``tests/test_cuda.py``, whose output goes to ``OUT_DIR/test_cuda.txt``.
+2. The training-step table of ``bench_training_step.py`` (every variant, row_subset
+   included, with operators per step), median of 30 steps, on MNIST-sized images
+   (128x1x28x28), where a GPU step is bound by kernel launches.
+3. The same table on ImageNet-sized images (64x3x224x224), where it is bound by
+   arithmetic: the size at which running branches on fewer samples can pay on a GPU.
+4. Compiled (``compile_branches``, inductor) against eager training steps
    (``bench_compile.py``) for a CIFAR ResNet-110 (batch 128x3x32x32) and ResNet-50
    (batch 128x1x28x28).
 
 Each part is written to ``OUT_DIR`` as soon as it finishes (``training_step.json``,
-``compile-<network>.json``) and a failing part is reported and skipped, so the run
-always completes; parts that would start after ``--budget-s`` seconds are skipped.
-Everything printed is also written to ``OUT_DIR/summary.txt``.
+``training_step-3x224.json``, ``compile-<network>.json``) and a failing part is
+reported and skipped, so the run always completes; parts that would start after
+``--budget-s`` seconds are skipped. Everything printed is also written to
+``OUT_DIR/summary.txt``.
 
 Usage::
 
@@ -23,6 +28,7 @@ import argparse
 import contextlib
 import io
 import json
+import subprocess
 import sys
 import time
 import traceback
@@ -52,7 +58,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and the aot_eager backend: a smoke test")
-    parser.add_argument("--budget-s", type=float, default=110.0,
+    parser.add_argument("--budget-s", type=float, default=240.0,
                         help="start no part after this many seconds (each part still runs to its end)")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,14 +68,27 @@ def main() -> None:
 
     if args.quick:
         table = dict(batch_size=8, rounds=1, warmup=1)
+        large_table = dict(batch_size=2, rounds=1, warmup=1, image=(3, 64, 64))
         compile_runs = [("resnet20", 4)]
         compile_options = dict(rounds=1, warmup=1, backend="aot_eager")
     else:
         table = dict(batch_size=128, rounds=30, warmup=3)
+        large_table = dict(batch_size=64, rounds=30, warmup=3, image=(3, 224, 224))
         compile_runs = [("resnet110", 128), ("resnet50", 128)]
         compile_options = dict(rounds=30, warmup=3, backend="inductor")
 
-    parts = [("training_step", lambda: bench_training_step.run(device, **table), bench_training_step.print_table)]
+    def test_cuda() -> dict:
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "tests/test_cuda.py"],
+                               cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        (args.out_dir / "test_cuda.txt").write_text(tests.stdout + tests.stderr)
+        return {"returncode": tests.returncode, "last_line": tests.stdout.strip().splitlines()[-1:]}
+
+    large = "training_step-{}x{}".format(*large_table["image"][:2])
+    parts = [
+        ("test_cuda", test_cuda, print),
+        ("training_step", lambda: bench_training_step.run(device, **table), bench_training_step.print_table),
+        (large, lambda: bench_training_step.run(device, **large_table), bench_training_step.print_table),
+    ]
     for network, batch_size in compile_runs:
         parts.append((
             f"compile-{network}",

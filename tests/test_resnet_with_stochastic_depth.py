@@ -58,6 +58,14 @@ def active_sequence(model, x, passes):
     return torch.stack(rows)
 
 
+def branch_batch_sizes(model):
+    """A list that fills, as `model` runs, with the batch size each residual branch ran on."""
+    seen = []
+    for block in model.blocks:
+        block.conv1.register_forward_hook(lambda module, inputs, out: seen.append(len(inputs[0])))
+    return seen
+
+
 def binomial_bound(n, p, sigmas=4.5):
     """Largest deviation of a Binomial(n, p) count from n * p that we accept.
 
@@ -254,9 +262,7 @@ def test_dropped_block_is_not_computed_and_gets_no_gradient_or_bn_update():
 
 def test_row_mode_runs_the_branch_only_on_kept_samples():
     model = StochasticResNet.cifar(14, mode="row", p_last=0.3, seed=4)
-    seen_batch_sizes = []
-    for block in model.blocks:
-        block.conv1.register_forward_hook(lambda m, inputs, out: seen_batch_sizes.append(len(inputs[0])))
+    seen_batch_sizes = branch_batch_sizes(model)
     x, y = batch(32)
     F.cross_entropy(model(x), y).backward()
     expected = [int(n) for n in model.active_blocks.sum(1).tolist() if n > 0]
@@ -291,9 +297,7 @@ def test_row_subset_keeps_exactly_k_samples_chosen_uniformly():
 
 def test_row_subset_runs_every_branch_on_the_same_batch_size_every_pass():
     model = StochasticResNet.cifar(14, mode="row_subset", p_last=0.3, seed=4)
-    seen = []
-    for block in model.blocks:
-        block.conv1.register_forward_hook(lambda m, inputs, out: seen.append(len(inputs[0])))
+    seen = branch_batch_sizes(model)
     x, y = batch(32)
     for _ in range(3):
         F.cross_entropy(model(x), y).backward()
@@ -657,21 +661,13 @@ def test_torch_fx_trace_in_training_mode_refuses_to_run_and_says_why(mode):
 
 
 @pytest.mark.parametrize("mode", ["batch", "row_subset"])
-def test_compile_branches_matches_eager_in_train_and_eval(mode):
+def test_compile_branches_matches_eager_in_train_and_eval(mode, assert_trains_alike):
     _, eager = tiny_pair(mode=mode, p_last=0.5, seed=21)
     compiled = compile_branches(copy.deepcopy(eager), backend="aot_eager")
     # One compiled function per kind of branch: stage 1, then the first and the second block of stages 2 and 3.
     assert len({block.compiled_branch for block in compiled.blocks}) == 5
     x, y = batch(8)
-    for _ in range(3):
-        out, out_compiled = eager(x), compiled(x)
-        assert torch.equal(eager.active_blocks, compiled.active_blocks)
-        torch.testing.assert_close(out_compiled, out, atol=1e-5, rtol=1e-5)
-        F.cross_entropy(out, y).backward()
-        F.cross_entropy(out_compiled, y).backward()
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        assert (a.grad is None) == (b.grad is None), name
-        assert a.grad is None or torch.allclose(b.grad, a.grad, atol=1e-4, rtol=1e-4), name
+    assert_trains_alike(eager, compiled, x, y, atol=1e-5, grad_atol=1e-4)
     eager.eval(), compiled.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
