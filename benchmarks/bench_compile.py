@@ -1,8 +1,9 @@
 """Time a training step with the residual branches compiled (``compile_branches``) against eager.
 
 For each network, four variants train on the same batch (forward, cross-entropy,
-backward, SGD step): the plain ResNet and the StochasticResNet (batch mode, p_L = 0.5),
-each eager and with ``compile_branches(model, backend="inductor")``. The variants run
+backward, SGD step): the plain ResNet and the StochasticResNet (batch mode, p_L = 0.5, or
+``--drop-mode``), each eager and with ``compile_branches(model, backend="inductor")``
+(``--compile-mode reduce-overhead`` replays each compiled branch as a CUDA graph). The variants run
 interleaved, in a shuffled order each round; the table reports the median step after
 the warm-up steps, as a ratio to the eager plain step, and the wall time of the compiled
 variants' warm-up (which includes compiling: forward and backward of every kind of branch,
@@ -13,6 +14,7 @@ Usage::
 
     python benchmarks/bench_compile.py [--device cpu] [--networks resnet20] [--batch-size 32]
         [--rounds 10] [--warmup 3] [--clock process --threads 1] [--out benchmarks/results/compile.json]
+        [--drop-mode row_subset] [--compile-mode reduce-overhead]
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ NETWORKS = {
 
 
 def measure(network: str, device: torch.device, batch_size: int, rounds: int, warmup: int,
-            backend: str = "inductor", clock: str = "wall") -> dict:
+            backend: str = "inductor", clock: str = "wall", drop_mode: str = "batch",
+            compile_mode: str | None = None) -> dict:
     """Median step times of the four variants of `network`, and the compiled variants' warm-up time.
 
     `clock`: "wall", or on a CPU "process" (CPU time of this process, which other jobs on a
-    shared machine barely change); the warm-up is always wall time.
+    shared machine barely change); the warm-up is always wall time. `drop_mode` is the
+    StochasticResNet's `mode`; `compile_mode` is torch.compile's `mode` (None: its default).
     """
     if clock == "process" and device.type != "cpu":
         raise ValueError(f"clock='process' measures CPU time: it needs device cpu, got {device}")
@@ -58,11 +62,11 @@ def measure(network: str, device: torch.device, batch_size: int, rounds: int, wa
     y = torch.randint(10, (batch_size,), device=device)
     variants = {}
     for compiled in (False, True):
-        for cls, kwargs in ((ResNet, {}), (StochasticResNet, dict(p_last=0.5, seed=0))):
+        for cls, kwargs in ((ResNet, {}), (StochasticResNet, dict(p_last=0.5, mode=drop_mode, seed=0))):
             torch.manual_seed(0)
             model = build(cls, **kwargs).to(device).train()
             if compiled:
-                compile_branches(model, backend=backend)
+                compile_branches(model, backend=backend, mode=compile_mode)
             name = f"{cls.__name__}{', branches compiled' if compiled else ', eager'}"
             variants[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
 
@@ -78,6 +82,7 @@ def measure(network: str, device: torch.device, batch_size: int, rounds: int, wa
             model, optimizer = variants[name]
             sync()
             start, step_start = time.perf_counter(), step_clock()
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step, for CUDA graph trees
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
@@ -93,12 +98,14 @@ def measure(network: str, device: torch.device, batch_size: int, rounds: int, wa
         for name, t in times.items()
     ]
     return {"network": network, "batch_size": batch_size, "sample_shape": list(sample_shape), "rounds": rounds,
-            "warmup": warmup, "backend": backend, "clock": clock, "results": rows}
+            "warmup": warmup, "backend": backend, "clock": clock, "drop_mode": drop_mode,
+            "compile_mode": compile_mode, "results": rows}
 
 
 def print_table(result: dict, device: torch.device) -> None:
     shape = "x".join(map(str, result["sample_shape"]))
-    print(f"\n{result['network']}, batch {result['batch_size']}x{shape}, {device}, {result['backend']}, "
+    modes = f"{result.get('drop_mode', 'batch')} mode, compile mode {result.get('compile_mode') or 'default'}"
+    print(f"\n{result['network']}, batch {result['batch_size']}x{shape}, {device}, {result['backend']}, {modes}, "
           f"median of {result['rounds']} steps after {result['warmup']} warm-up steps, {result['clock']} clock")
     print(f"{'variant':40s} {'median ms':>10s} {'/ eager plain':>14s} {'warm-up s':>10s}")
     for row in result["results"]:
@@ -123,6 +130,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--drop-mode", default="batch", choices=["batch", "row", "row_subset"])
+    parser.add_argument("--compile-mode", help="torch.compile's mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: CPU time of this process (CPU only), for a machine shared with other jobs")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's choice")
@@ -134,7 +143,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = []
     for network in args.networks:
-        results.append(measure(network, device, args.batch_size, args.rounds, args.warmup, args.backend, args.clock))
+        results.append(measure(network, device, args.batch_size, args.rounds, args.warmup, args.backend, args.clock,
+                               args.drop_mode, args.compile_mode))
         print_table(results[-1], device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**environment(device), "networks": results}, indent=2))
