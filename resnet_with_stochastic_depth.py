@@ -32,14 +32,15 @@ Public API
 ``training_flop_floor``
     The fraction of a plain training step's FLOPs that stochastic depth still computes.
 ``training_operator_count``
-    The operators (GPU kernel launches) of a training step, which bound a small
-    network's step on a GPU.
+    The operators of a training step on the device (GPU kernel launches) and on the
+    host, which bound a small network's step on a GPU.
 ``draw_decisions``
     The gates' random draws for one training pass, all gates of a mode at once.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import types
@@ -52,6 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode  # what FlopCounterMode is built on
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet as tv_resnet
 
@@ -1089,39 +1091,49 @@ def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabili
 
 
 class _OperatorCounter(TorchDispatchMode):
-    """Counts the ATen operators run under it, views left out (they launch no kernel)."""
+    """Counts the ATen operators run under it, views left out (they launch no kernel):
+    those that touch a tensor on the meta device, and the others."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.on_device = self.on_host = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            if any(isinstance(t, Tensor) and t.is_meta for t in tree_leaves((args, kwargs, out))):
+                self.on_device += 1
+            else:
+                self.on_host += 1
+        return out
 
 
-def training_operator_count(model: nn.Module, images: Tensor, labels: Tensor) -> int:
-    """ATen operators of one cross-entropy training step of `model`, forward and backward.
+def training_operator_count(model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, int]:
+    """Operators of one cross-entropy training step of `model`, on its device and on the host.
 
-    Where a GPU step is bound by kernel launches rather than arithmetic (ResNet-50 on
-    28x28 images on an H100 is), its time follows this count, not the FLOPs: each
-    operator on a GPU tensor is at least one launch, and one on a CPU tensor (a random
-    draw) is host time. Views are not counted. The optimizer step is left out, and the
-    model's gradients are cleared afterwards.
+    Counted on a copy of `model` on PyTorch's meta device, which computes shapes and no
+    arithmetic: an operator on a meta tensor stands for one on the model's device (at
+    least one kernel launch on a GPU); the others run on the CPU whatever the device (the
+    gates' random draws, reading a decision). Where a GPU step is bound by kernel launches
+    rather than arithmetic (ResNet-50 on 28x28 images on an H100 is), its time follows
+    these counts, not the FLOPs. The step starts without gradients, as after
+    ``zero_grad()``; views are not counted; the optimizer step is left out. `model`
+    itself, its generator and gradients included, is left as it was.
 
     Parameters
     ----------
     model : torch.nn.Module
         The network, in the mode to count (training, for drops).
     images, labels : torch.Tensor
-        One batch, on the model's device.
+        One batch (only their shapes and dtypes are used).
 
     Returns
     -------
-    int
-        The number of operators.
+    dict
+        ``device``: operators on the model's device; ``host``: operators on the CPU.
     """
+    twin, images, labels = copy.deepcopy(model).to("meta"), images.to("meta"), labels.to("meta")
+    twin.zero_grad(set_to_none=True)  # as a training loop does: no accumulation into old gradients
     with _OperatorCounter() as counter:
-        F.cross_entropy(model(images), labels).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.count
+        F.cross_entropy(twin(images), labels).backward()
+    return {"device": counter.on_device, "host": counter.on_host}

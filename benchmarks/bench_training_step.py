@@ -10,7 +10,10 @@ Beside the block-mode and row_subset ratios it prints their floors: the fraction
 the plain step's work that stochastic depth still does on average, (fixed + sum q_l
 work_l) / (fixed + sum work_l), with each block's work counted in FLOPs (forward and
 backward) by ``torch.utils.flop_counter``; q_l is p_l in block mode and k_l / B, the
-fraction of samples a row_subset branch runs on, in row_subset mode.
+fraction of samples a row_subset branch runs on, in row_subset mode. Beside each variant's
+time it prints the operators of one step (``training_operator_count``): on the device, each
+at least one kernel launch on a GPU, and on the host; a small network's GPU step is bound by
+them rather than by FLOPs.
 
 Usage::
 
@@ -166,10 +169,11 @@ def print_table(result: dict) -> None:
     print(f"\nOne training step, ResNet-50, batch {result['batch_size']}x{image}, {result['device']}, "
           f"torch {result['torch']}, {result['threads']} threads, median of {result['rounds']}, "
           f"{result.get('clock', 'wall')} clock")
-    print(f"{'variant':45s} {'median ms':>10s} {'/ plain':>8s} {'operators':>10s}")
+    print(f"{'variant':45s} {'median ms':>10s} {'/ plain':>8s} {'operators: device':>18s} {'host':>5s}")
     for row in result["results"]:
+        operators = row.get("operators_per_step", {"device": "-", "host": "-"})
         print(f"{row['variant']:45s} {1e3 * row['median_s']:10.1f} {row['ratio_to_plain']:8.3f} "
-              f"{row.get('operators_per_step', float('nan')):10.0f}")
+              f"{operators['device']:>18} {operators['host']:>5}")
     ratios = {row["variant"]: row["ratio_to_plain"] for row in result["results"]}
     print()
     for name, floor in ((BLOCK, result["flops"]), (ROW_SUBSET, result["flops_row_subset"])):
