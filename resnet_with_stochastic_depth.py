@@ -516,15 +516,19 @@ class StochasticDepthState(nn.Module):
         return f"drop_scale={self._drop_scale:g}"
 
 
-def _draw_decisions(model: nn.Module, args: tuple[Any, ...]) -> None:
-    """Forward pre-hook of a model with stochastic depth: one draw per gate per pass."""
+def _draw_decisions(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> None:
+    """Forward pre-hook of a model with stochastic depth: one draw per gate per pass.
+
+    The batch is the first tensor passed, by position or (``model(x=images)``) by name.
+    """
     state = stochastic_depth_state(model)
     if state is None:
         return
-    if args and isinstance(args[0], Tensor):
-        state.draw(stochastic_depth_gates(model), args[0].shape[0], args[0].device)
-    else:
+    images = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)), None)
+    if images is None:
         state.draw(stochastic_depth_gates(model), 0)
+    else:
+        state.draw(stochastic_depth_gates(model), images.shape[0], images.device)
 
 
 def linear_drop_warmup(step: int, warmup_steps: int) -> float:
@@ -986,7 +990,7 @@ def add_stochastic_depth(
         block.stochastic_depth.drawn_by_model = True
         setattr(parent, name, block)
     if _draw_decisions not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_draw_decisions)
+        model.register_forward_pre_hook(_draw_decisions, with_kwargs=True)
     return model
 
 

@@ -305,6 +305,15 @@ def test_row_subset_runs_every_branch_on_the_same_batch_size_every_pass():
     assert seen == k * 3 and sum(k) < 6 * 32
 
 
+@pytest.mark.parametrize("mode", ["row", "row_subset"])
+def test_a_batch_passed_by_name_is_drawn_for_like_one_passed_by_position(mode):
+    _, model = tiny_pair(mode=mode, p_last=0.5, seed=2)
+    twin = copy.deepcopy(model)
+    x, _ = batch(8)
+    torch.testing.assert_close(twin(x=x), model(x))
+    assert torch.equal(twin.active_blocks, model.active_blocks) and twin.active_blocks.shape == (6, 8)
+
+
 @pytest.mark.parametrize("inverted", [False, True])
 def test_row_subset_output_matches_a_rescaled_masked_reference(inverted):
     gate = StochasticDepth(survival_prob=0.6, mode="row_subset", inverted=inverted,
