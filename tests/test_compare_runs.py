@@ -1,0 +1,94 @@
+"""compare_runs.py: pairing train.py runs by seed, its intervals against scipy, and its refusals."""
+
+import json
+import math
+
+import pytest
+import scipy.stats
+
+import compare_runs
+
+CONFIG = {"dataset": "fashion-mnist", "depth": 20, "epochs": 2, "lr": 0.1, "plain": True, "p_last": 1.0,
+          "survival_rule": "linear", "dropped_update": "decay", "parameters": 1000, "seed": 0,
+          "output_dir": "x", "device": "cpu"}
+
+
+def write_run(folder, seed, test_error, *, plain=True, epoch_s=10.0, **config):
+    folder.mkdir(parents=True)
+    config = {**CONFIG, "plain": plain, "p_last": 1.0 if plain else 0.5, "seed": seed,
+              "output_dir": str(folder), **config}
+    epochs = [{"epoch": e, "train_error": test_error - 0.01, "test_error": test_error} for e in (1, 2)]
+    summary = {"epochs_done": 2, "final_test_error": test_error, "best_val_epoch": 2, "best_val_error": test_error,
+               "test_error_at_best_val": test_error, "median_epoch_time_s": epoch_s}
+    (folder / "metrics.json").write_text(json.dumps({"config": config, "summary": summary, "epochs": epochs}))
+    return folder
+
+
+def groups(tmp_path, control_errors, treatment_errors, treatment_epoch_s=7.5):
+    control = [write_run(tmp_path / f"plain-{s}", s, e) for s, e in enumerate(control_errors)]
+    treatment = [write_run(tmp_path / f"sd-{s}", s, e, plain=False, epoch_s=treatment_epoch_s)
+                 for s, e in enumerate(treatment_errors)]
+    return control, treatment
+
+
+def test_paired_difference_and_interval_match_scipys_paired_t(tmp_path):
+    control_errors, treatment_errors = [0.090, 0.100, 0.095], [0.140, 0.152, 0.141]
+    result = compare_runs.compare(*groups(tmp_path, control_errors, treatment_errors))
+    assert result["seeds"] == [0, 1, 2] and result["treatment"]["p_last"] == 0.5
+    d = result["errors"]["test error at best val. epoch"]["difference_points"]
+    points = [100 * (t - c) for t, c in zip(treatment_errors, control_errors)]
+    mean = sum(points) / 3
+    low, high = scipy.stats.t.interval(0.95, 2, loc=mean, scale=scipy.stats.sem(points))
+    assert d["mean"] == pytest.approx(mean) and d["ci95"] == pytest.approx([low, high])
+    assert compare_runs._verdict(d) == "higher"  # the treatment's error is higher, its interval above 0
+    ratio = result["epoch_time_ratio"]
+    assert ratio["mean"] == pytest.approx(0.75) and ratio["n"] == 3
+
+
+def test_no_detectable_difference_says_how_small_a_difference_was_detectable(tmp_path, capsys):
+    control, treatment = groups(tmp_path, [0.10, 0.11, 0.09, 0.10], [0.11, 0.09, 0.10, 0.105])
+    result = compare_runs.compare(control, treatment)
+    verdict = compare_runs._verdict(result["errors"]["final test error"]["difference_points"])
+    assert verdict.startswith("no difference detectable (80% power at ")
+    compare_runs.main(["--control", *map(str, control), "--treatment", *map(str, treatment),
+                       "--out", str(tmp_path / "c.json")])
+    assert "no difference detectable" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["seeds"] == [0, 1, 2, 3]
+
+
+def test_one_seed_gives_no_interval_and_no_verdict(tmp_path):
+    result = compare_runs.compare(*groups(tmp_path, [0.09], [0.14]))
+    d = result["errors"]["final test error"]["difference_points"]
+    assert d["mean"] == pytest.approx(5.0) and all(math.isnan(v) for v in d["ci95"])
+    assert compare_runs._verdict(d) == "one seed: no interval, no verdict"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("missing", r"treatment: .*sd-1/metrics.json not found: is .*sd-1 the --output-dir of a finished train.py run"),
+        ("seeds", r"the control runs have seeds \[0, 1\] and the treatment runs \[0, 5\]: each seed needs one run of each"),
+        ("setting", r"control: .*plain-0 and .*plain-1 differ in lr: the runs of a group must differ only in their seed"),
+        ("across", r"control and treatment runs differ in depth, not only in the model"),
+        ("unfinished", r"treatment: .*sd-1 stopped after 1 of 2 epochs; resume it"),
+        ("duplicate", r"control: .*plain-0 and .*plain-dup both have seed 0; give one run per seed"),
+    ],
+)
+def test_runs_that_cannot_be_compared_are_refused_with_the_reason(tmp_path, change, message):
+    control = [write_run(tmp_path / "plain-0", 0, 0.1), write_run(tmp_path / "plain-1", 1, 0.1, lr=0.05 if change == "setting" else 0.1)]
+    treatment = [write_run(tmp_path / "sd-0", 0, 0.12, plain=False, depth=56 if change == "across" else 20)]
+    seed = 5 if change == "seeds" else 1
+    if change == "missing":
+        treatment.append(tmp_path / "sd-1")
+    else:
+        treatment.append(write_run(tmp_path / "sd-1", seed, 0.12, plain=False, depth=56 if change == "across" else 20))
+    if change == "unfinished":
+        metrics = json.loads((tmp_path / "sd-1" / "metrics.json").read_text())
+        metrics["summary"]["epochs_done"] = 1
+        (tmp_path / "sd-1" / "metrics.json").write_text(json.dumps(metrics))
+    if change == "duplicate":
+        control.append(write_run(tmp_path / "plain-dup", 0, 0.1))
+    with pytest.raises(ValueError, match=message):
+        compare_runs.compare(control, treatment)
+    with pytest.raises(SystemExit, match="compare_runs.py: "):
+        compare_runs.main(["--control", *map(str, control), "--treatment", *map(str, treatment)])
