@@ -351,8 +351,7 @@ class StochasticDepth(nn.Module):
             self.last_active = torch.tensor(p > 0.0)
             if p == 0.0:  # never trained with this branch: leave it out at test time too
                 return shortcut
-            residual = branch(x)
-            return shortcut + (residual if self.inverted or p == 1.0 else residual * p)
+            return shortcut.add(branch(x), alpha=1.0 if self.inverted else p)
         if isinstance(x, torch.fx.Proxy):
             return _stochastic_depth_cannot_train_traced(shortcut)
 
