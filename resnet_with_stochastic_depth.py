@@ -229,16 +229,16 @@ def draw_decisions(
     list of Decision
         One per survival probability, in order.
     """
-    probs = torch.tensor(survival_probs, dtype=torch.get_default_dtype())
+    gates = len(survival_probs)
     if mode == "batch":
-        active = torch.rand(len(probs), generator=generator) < probs
+        active = torch.rand(gates, generator=generator) < torch.tensor(survival_probs)
         return [Decision(a, p) for a, p in zip(active.unbind(), survival_probs)]
     if mode == "row":
-        active = torch.rand(len(probs), batch_size, generator=generator) < probs[:, None]
+        active = torch.rand(gates, batch_size, generator=generator) < torch.tensor(survival_probs)[:, None]
     else:
         # The k smallest of B uniform keys are a uniformly chosen k-subset; float64 keys
         # make a tie (which would bias the choice towards lower indices) practically impossible.
-        keys = torch.rand(len(probs), batch_size, generator=generator, dtype=torch.float64)
+        keys = torch.rand(gates, batch_size, generator=generator, dtype=torch.float64)
         subset_sizes = torch.tensor([_subset_size(batch_size, p) for p in survival_probs])
         active = keys.argsort(dim=1).argsort(dim=1) < subset_sizes[:, None]
     kept = _indices_to(active.nonzero()[:, 1], device).split(active.sum(dim=1).tolist())
@@ -520,7 +520,8 @@ def _draw_decisions(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
 
     The batch is the first tensor passed, by position or (``model(x=images)``) by name.
     """
-    state = stochastic_depth_state(model)
+    # add_stochastic_depth puts the state right under the model it hooks: no walk of the model.
+    state = model._modules.get("stochastic_depth_state")
     if state is None:
         return
     images = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)), None)
@@ -1101,7 +1102,7 @@ class _OperatorCounter(TorchDispatchMode):
         super().__init__()
         self.on_device = self.on_host = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, _types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
             if any(isinstance(t, Tensor) and t.is_meta for t in tree_leaves((args, kwargs, out))):

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from mnist import Split, load_fashion_mnist, load_mnist
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_depth_gates, training_flop_floor
-from training import History, pick_device, train_lockstep
+from training import pick_device, train_lockstep
 
 __all__ = [
     "LOADERS",

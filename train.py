@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 import image_data
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_depth_state
-from training import BatchSampler, save_atomically
+from training import BatchSampler, save_atomically, synchronize
 
 # Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe
 # without flips, which would turn some digits into others.
@@ -464,7 +464,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         active_blocks, seconds = partial.get("active_blocks", 0.0), partial.get("seconds", 0.0)
         pending: list[Tensor] = []
         epoch_end = min((epoch + 1) * steps_per_epoch, stop_at)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         while step < epoch_end:
             images, labels = batches.next_batch()
@@ -494,7 +494,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
                 bar.update(len(pending))
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1].item():.3f}", refresh=False)
                 pending = []
-        _synchronize(device)
+        synchronize(device)
         seconds += time.perf_counter() - start
 
         if step < (epoch + 1) * steps_per_epoch:  # stopped by --max-steps inside the epoch
@@ -539,10 +539,6 @@ def _share_batchnorm_statistics(model: nn.Module, processes: Processes) -> None:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

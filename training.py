@@ -406,8 +406,8 @@ def train_lockstep(
                             f"{iteration - 1} iterations before is attached",
                             history,
                         )
-                for name, model in models.items():
-                    record[name]["step_time"] += _optimizer_step(optimizers[name], device)
+                for name, optimizer in optimizers.items():
+                    record[name]["step_time"] += _optimizer_step(optimizer, device)
                 for name, model in models.items():
                     record[name]["test_loss"], record[name]["test_acc"] = _evaluate(model, test_images, test_labels)
             except KeyboardInterrupt:
@@ -474,7 +474,7 @@ def _forward_backward(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> dict[str, float]:
     """Loss, accuracy and gradients of one training batch, and the time they took."""
-    _synchronize(device)  # so that the timer starts when the device is idle
+    synchronize(device)  # so that the timer starts when the device is idle
     start = time.perf_counter()
     # set_to_none: parameters a model did not use this step (dropped blocks) keep grad None,
     # and optimizers skip them.
@@ -482,18 +482,21 @@ def _forward_backward(
     output = model(images)
     loss = F.cross_entropy(output, labels)
     loss.backward()
-    _synchronize(device)
+    synchronize(device)
     step_time = time.perf_counter() - start
     accuracy = (output.argmax(dim=1) == labels).float().mean()
     return {"train_loss": loss.item(), "train_acc": accuracy.item(), "step_time": step_time}
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    """Take the step, and return the time it took."""
-    _synchronize(device)
+    """Take the step, and return the time it took.
+
+    Called right after :func:`_forward_backward` or another step, which both end with the
+    device idle, so the timer starts without a synchronisation of its own.
+    """
     start = time.perf_counter()
     optimizer.step()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -507,7 +510,8 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> t
     return loss.item(), accuracy.item()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for `device` to finish its queued work (CUDA, MPS); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
