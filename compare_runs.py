@@ -21,6 +21,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from study import paired_difference, paired_ratio
@@ -88,8 +89,10 @@ def compare(control_folders: Sequence[str | Path], treatment_folders: Sequence[s
     for name, error in ERRORS.items():
         first = [100 * error(control[s]) for s in seeds]
         second = [100 * error(treatment[s]) for s in seeds]
-        result["errors"][name] = {"control": first, "treatment": second,
-                                  "difference_points": paired_difference(second, first)}
+        difference = paired_difference(second, first)
+        # study.py words a positive difference of accuracies as "better"; of errors it is "higher".
+        difference["verdict"] = {"better": "higher", "worse": "lower"}.get(difference["verdict"], difference["verdict"])
+        result["errors"][name] = {"control": first, "treatment": second, "difference_points": difference}
     result["epoch_time_ratio"] = paired_ratio([treatment[s]["summary"]["median_epoch_time_s"] for s in seeds],
                                               [control[s]["summary"]["median_epoch_time_s"] for s in seeds])
     return result
@@ -98,10 +101,8 @@ def compare(control_folders: Sequence[str | Path], treatment_folders: Sequence[s
 def _verdict(difference: dict[str, Any]) -> str:
     if difference["n"] < 2:
         return "one seed: no interval, no verdict"
-    if difference["verdict"] == "better":  # the interval is above 0: the treatment's error is higher
-        return "higher"
-    if difference["verdict"] == "worse":
-        return "lower"
+    if difference["verdict"] in ("higher", "lower"):
+        return difference["verdict"]
     detectable = difference["min_detectable"]
     return "no difference detectable" + ("" if math.isnan(detectable) else f" (80% power at {detectable:.2f} points)")
 
@@ -112,8 +113,7 @@ def print_comparison(result: dict[str, Any]) -> None:
     print(f"{'':32s} {'control':>9s} {'treatment':>10s} {'difference, points [95% CI]':>30s}  verdict for the treatment")
     for name, values in result["errors"].items():
         d = values["difference_points"]
-        mean = lambda v: sum(v) / len(v)  # noqa: E731
-        print(f"{name:32s} {mean(values['control']):8.2f}% {mean(values['treatment']):9.2f}% "
+        print(f"{name:32s} {fmean(values['control']):8.2f}% {fmean(values['treatment']):9.2f}% "
               f"{d['mean']:+9.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]{'':6s}  {_verdict(d)}")
     ratio = result["epoch_time_ratio"]
     verdict = ratio["verdict"] if ratio["n"] > 1 else "one seed: no interval"

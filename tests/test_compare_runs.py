@@ -40,7 +40,7 @@ def test_paired_difference_and_interval_match_scipys_paired_t(tmp_path):
     mean = sum(points) / 3
     low, high = scipy.stats.t.interval(0.95, 2, loc=mean, scale=scipy.stats.sem(points))
     assert d["mean"] == pytest.approx(mean) and d["ci95"] == pytest.approx([low, high])
-    assert compare_runs._verdict(d) == "higher"  # the treatment's error is higher, its interval above 0
+    assert compare_runs._verdict(d) == d["verdict"] == "higher"  # the treatment's error is higher, its interval above 0
     ratio = result["epoch_time_ratio"]
     assert ratio["mean"] == pytest.approx(0.75) and ratio["n"] == 3
 
