@@ -15,11 +15,14 @@ Public API
     and ``ResNet.cifar(depth)`` (20, 32, 44, 56, 110, 1202), likewise on
     ``StochasticResNet``.
 ``StochasticDepth``
-    The gate that wraps one residual block's branch.
+    The gate that wraps one residual block's branch; ``draw_decision`` and ``key_seed``
+    are its random draw.
+``set_step``
+    Keys a model's drops by the training step: every process at a step drops the same
+    blocks (DDP), whatever passes each ran before.
 ``StochasticDepthState``, ``stochastic_depth_state``
-    What drives a model's gates: its generator, the drop warm-up scale, and the
-    decisions drawn once per forward pass (so that activation checkpointing
-    recomputes a block with the same decision).
+    What a model's gates hold between passes (seed, step, pass counts, drop warm-up
+    scale), to save with a checkpoint.
 ``survival_probabilities``
     The paper's linear-decay rule, the uniform rule or an explicit sequence.
 ``add_stochastic_depth``
@@ -34,17 +37,28 @@ Public API
 ``training_operator_count``
     The operators of a training step on the device (GPU kernel launches) and on the
     host, which bound a small network's step on a GPU.
-``draw_decisions``
-    The gates' random draws for one training pass, all gates of a mode at once.
+
+How drops are drawn (the rule to check new code against)
+--------------------------------------------------------
+Each gate draws for itself when it is called in training mode; its decision is a fixed
+function of ``(seed, gate index, step, pass)`` (and the rank, in the row modes). Every
+training call that is not a recomputation is a new pass; a call made inside a backward
+pass is a recomputation by activation checkpointing and gets its pass's decision again.
+Processes agree because they share the seed and, with ``set_step``, the step: nothing
+is communicated.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import hashlib
 import math
+import struct
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Self
 
@@ -68,8 +82,10 @@ __all__ = [
     "StochasticResNet",
     "add_stochastic_depth",
     "compile_branches",
-    "draw_decisions",
+    "draw_decision",
+    "key_seed",
     "linear_drop_warmup",
+    "set_step",
     "stochastic_depth_gates",
     "stochastic_depth_state",
     "training_flop_floor",
@@ -152,20 +168,33 @@ def survival_probabilities(
 
 
 # ----------------------------------------------------------------------------------
-# The gate, and the state a model's gates share
+# The gate
+#
+# The rule of the design, to check new code against:
+# - Who draws: each gate, when it is called in training mode. Nothing else draws: no hook on
+#   the model, no module added to it, so whatever runs the blocks (the model, a wrapper that
+#   calls its layers, one block on its own) gets drops.
+# - A decision is a pure function of its key (seed, gate index, step, pass, and in the row
+#   modes the process's rank): a gate keeps counters, never a random stream to synchronise.
+# - A pass: every training call of a gate that is not a recomputation is the gate's next
+#   pass. `set_step` starts a step (passes numbered from 0 again).
+# - A recomputation is a call made while autograd runs a backward pass, which is where
+#   PyTorch's checkpointing, reentrant or not, runs the forward again. It takes the pass whose
+#   input it got (checkpointing one block), else the gate's latest pass (a longer region),
+#   and raises rather than guess when a longer region ran several passes before a backward.
+# - Processes: with `set_step`, batch mode's key holds only the seed, the gate and the step,
+#   so processes at the same step drop the same blocks whatever passes they ran before. The
+#   row modes' key holds the rank: each process draws its own samples.
 # ----------------------------------------------------------------------------------
 
 
 class Decision(NamedTuple):
-    """One gate's draw for one forward pass of its model.
+    """One gate's draw for one training pass.
 
-    ``active``: a bool scalar (``"batch"``) or one bool per sample (the row modes), on
-    the CPU.
-    ``survival_prob``: the survival probability it was drawn with (``p_l``, or less
-    during a drop warm-up), which the training-time scaling uses.
-    ``kept``: the row modes' indices of the samples that keep the branch, ascending,
-    already on the device of the model's input when the model drew them; None in
-    ``"batch"`` mode.
+    ``active``: a bool scalar (``"batch"``) or one bool per sample (the row modes), on the
+    CPU. ``survival_prob``: the survival probability it was drawn with (``p_l``, or more
+    during a drop warm-up), which the training-time scaling uses. ``kept``: the row modes'
+    ascending indices of the samples that keep the branch, on the CPU; None in ``"batch"``.
     """
 
     active: Tensor
@@ -185,9 +214,9 @@ def _warmed_up(survival_prob: float, drop_scale: float) -> float:
     return 1.0 - drop_scale * (1.0 - survival_prob)
 
 
-def _indices_to(indices: Tensor, device: torch.device | None) -> Tensor:
+def _indices_to(indices: Tensor, device: torch.device) -> Tensor:
     """`indices` (on the CPU) on `device`, without making the host wait for a GPU."""
-    if device is None or indices.device == device:
+    if indices.device == device:
         return indices
     if device.type == "cuda":
         # A copy from pageable memory waits for the GPU to finish all queued work;
@@ -196,53 +225,67 @@ def _indices_to(indices: Tensor, device: torch.device | None) -> Tensor:
     return indices.to(device, non_blocking=True)
 
 
-def draw_decisions(
-    mode: DropMode,
-    survival_probs: Sequence[float],
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | None = None,
-) -> list[Decision]:
-    """Draw one training pass's decisions for several gates of one mode, all at once.
+def key_seed(*key: int) -> int:
+    """A 63-bit seed that is a fixed hash of integers: the same on every machine and process."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(key)}q", *key), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    A handful of operators per pass instead of several per gate, and in the row
-    modes one copy of every gate's kept indices to `device`: the host work that
-    bounds a GPU step of a small network. ``"batch"`` and ``"row"`` take the same
-    numbers from `generator` as one draw per gate in turn would.
+
+def draw_decision(mode: DropMode, survival_prob: float, batch_size: int, seed: int) -> Decision:
+    """The decision of one gate in one training pass, a deterministic function of `seed`.
 
     Parameters
     ----------
     mode : {"batch", "row", "row_subset"}
         As for :class:`StochasticDepth`.
-    survival_probs : sequence of float
-        Each gate's survival probability in this pass.
+    survival_prob : float
+        Probability of keeping the branch in this pass.
     batch_size : int
         Samples in the pass (unused in ``"batch"`` mode).
-    generator : torch.Generator, optional
-        CPU generator to draw from.
-    device : torch.device, optional
-        Where the row modes' ``kept`` indices go (the device of the model's input);
-        the CPU if None.
+    seed : int
+        In [0, 2**63); a gate passes :func:`key_seed` of its pass's key.
 
     Returns
     -------
-    list of Decision
-        One per survival probability, in order.
+    Decision
+        ``"batch"``: kept with probability `survival_prob`. ``"row"``: each sample kept
+        independently with probability `survival_prob`. ``"row_subset"``: a uniformly
+        chosen subset of exactly ``round(batch_size * survival_prob)`` samples (at least
+        one unless the probability is 0).
     """
-    gates = len(survival_probs)
     if mode == "batch":
-        active = torch.rand(gates, generator=generator) < torch.tensor(survival_probs)
-        return [Decision(a, p) for a, p in zip(active.unbind(), survival_probs)]
+        # The seed is already a uniform hash: its top 53 bits are a uniform double in [0, 1).
+        return Decision(torch.tensor((seed >> 10) / 2.0**53 < survival_prob), survival_prob)
+    generator = torch.Generator().manual_seed(seed)
     if mode == "row":
-        active = torch.rand(gates, batch_size, generator=generator) < torch.tensor(survival_probs)[:, None]
-    else:
-        # The k smallest of B uniform keys are a uniformly chosen k-subset; float64 keys
-        # make a tie (which would bias the choice towards lower indices) practically impossible.
-        keys = torch.rand(gates, batch_size, generator=generator, dtype=torch.float64)
-        subset_sizes = torch.tensor([_subset_size(batch_size, p) for p in survival_probs])
-        active = keys.argsort(dim=1).argsort(dim=1) < subset_sizes[:, None]
-    kept = _indices_to(active.nonzero()[:, 1], device).split(active.sum(dim=1).tolist())
-    return [Decision(a, p, k) for a, p, k in zip(active.unbind(), survival_probs, kept)]
+        active = torch.rand(batch_size, generator=generator) < survival_prob
+        return Decision(active, survival_prob, active.nonzero().squeeze(1))
+    # The k smallest of B uniform keys are a uniformly chosen k-subset; float64 keys make a
+    # tie (which would favour lower indices) practically impossible.
+    keys = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    kept = keys.argsort()[: _subset_size(batch_size, survival_prob)].sort().values
+    active = torch.zeros(batch_size, dtype=torch.bool).index_fill_(0, kept, True)
+    return Decision(active, survival_prob, kept)
+
+
+def _process_rank() -> int:
+    """This process's rank in torch.distributed's default group, 0 outside it (no communication)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _may_be_recomputed() -> bool:
+    """Whether a pass now could be run again by activation checkpointing in a backward pass:
+    reentrant checkpointing runs its first forward without gradients, non-reentrant
+    checkpointing runs it under saved-tensor hooks."""
+    return not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """`a` is `b` or a detached alias of it (what reentrant checkpointing hands a block)."""
+    return a is b or (
+        a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+        and a.stride() == b.stride() and a._version == b._version
+    )
 
 
 def _stochastic_depth_cannot_train_traced(shortcut: Tensor) -> Tensor:
@@ -259,6 +302,10 @@ def _stochastic_depth_cannot_train_traced(shortcut: Tensor) -> Tensor:
 # modes) and running that graph raises the error above.
 torch.fx.wrap("_stochastic_depth_cannot_train_traced")
 
+# How many of a gate's latest passes it remembers for recomputations: more than the forward
+# passes anyone runs before one backward (two views, a few crops).
+_REMEMBERED_PASSES = 16
+
 
 class StochasticDepth(nn.Module):
     """Randomly bypasses one residual branch: ``shortcut + gate(branch(x))``.
@@ -268,7 +315,7 @@ class StochasticDepth(nn.Module):
     the probability of *dropping* it):
 
     ``"batch"`` (the paper)
-        One Bernoulli(``survival_prob``) draw per forward pass decides for the whole
+        One Bernoulli(``survival_prob``) draw per training pass decides for the whole
         mini-batch. A dropped branch is not called: it costs nothing and its
         parameters get no gradient.
     ``"row"`` (torchvision's ``mode="row"``, timm's ``DropPath``)
@@ -286,12 +333,13 @@ class StochasticDepth(nn.Module):
     rule), or unscaled when ``inverted=True``, in which case a surviving branch is
     scaled by ``1 / survival_prob`` while training instead. Both conventions give
     the same expected output. A branch with ``survival_prob == 0`` is left out.
+    Nothing is drawn in evaluation, so an eval-mode model compiles as one graph.
 
-    Inside a model built by ``StochasticResNet`` or ``add_stochastic_depth`` the
-    model draws every gate's decision once at the start of its forward pass and the
-    gate holds it (``decision``) until the next pass, so a block recomputed within
-    the pass (activation checkpointing) makes the same choice. A gate used on its
-    own draws at each call.
+    Drawing (the rule at the top of this section): each training call draws the
+    decision of a new pass from the key ``(seed, index, step, pass)``, plus the
+    process's rank in the row modes; a recomputation by activation checkpointing
+    gets its pass's decision again. :func:`set_step` keys the passes by the training
+    step, which DDP needs in batch mode (see there).
 
     The gate has no parameters or buffers, so it leaves ``state_dict`` unchanged.
 
@@ -304,10 +352,25 @@ class StochasticDepth(nn.Module):
         See above.
     inverted : bool
         Use the inverted scaling (``1 / p`` while training, none at test).
-    generator : torch.Generator, optional
-        CPU generator for the draws; shared by all gates of a model so that one
-        seed fixes the whole drop sequence. Drawing on the CPU also means the
-        decision never waits for the GPU.
+    seed : int, optional
+        The seed of this gate's draws, in [0, 2**62]; drawn from torch's global
+        generator if None. The gates of a model share one.
+    index : int
+        The gate's number in its model, which tells its draws from the others'.
+
+    Attributes
+    ----------
+    drop_scale : float
+        Fraction of the drop probability ``1 - survival_prob`` applied in training,
+        in [0, 1]: 1 (the default) is the target rate, 0 drops nothing; a drop
+        warm-up (:func:`linear_drop_warmup`) raises it.
+    step : tuple of int or None
+        The step set by :func:`set_step`, None before.
+    passes : int
+        Training passes since the step was set (since construction without one).
+    last_active : Tensor or None
+        What the last forward pass computed: a bool scalar (``"batch"``) or one
+        bool per sample (row modes); all True in evaluation, except for ``p = 0``.
     """
 
     def __init__(
@@ -316,46 +379,59 @@ class StochasticDepth(nn.Module):
         survival_prob: float,
         mode: DropMode = "batch",
         inverted: bool = False,
-        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        index: int = 0,
     ) -> None:
         super().__init__()
         self.survival_prob = _check_probability(survival_prob, "survival_prob")
         self.mode = _check_mode(mode)
         self.inverted = bool(inverted)
-        self.generator = generator
-        # Set by the model that draws for this gate (add_stochastic_depth): the decision
-        # held for the current forward pass. None: the gate draws at each call.
-        self.decision: Decision | None = None
-        self.drawn_by_model = False
-        # What the last forward pass computed: a bool scalar ("batch") or one bool per
-        # sample (row modes). All True in evaluation, except for a block with p = 0.
+        self.seed_given = seed is not None
+        self.seed = _check_seed(seed) if seed is not None else int(torch.randint(2**62, ()).item())
+        self.index = int(index)
+        self._drop_scale = 1.0
+        self.step: tuple[int, ...] | None = None
+        self.passes = 0
         self.last_active: Tensor | None = None
+        self._forget_passes()
 
-    def draw(self, batch_size: int, drop_scale: float = 1.0) -> Decision:
-        """Draw which samples keep the branch in one training pass.
+    @property
+    def drop_scale(self) -> float:
+        return self._drop_scale
 
-        Parameters
-        ----------
-        batch_size : int
-            Samples in the pass (unused in ``"batch"`` mode).
-        drop_scale : float
-            Fraction of the drop probability ``1 - survival_prob`` to apply: 0 keeps
-            every branch, 1 (the default) is the target rate; a drop warm-up ramps it.
-        """
-        p = _warmed_up(self.survival_prob, drop_scale)
-        return draw_decisions(self.mode, [p], batch_size, self.generator)[0]
+    @drop_scale.setter
+    def drop_scale(self, value: float) -> None:
+        self._drop_scale = _check_probability(value, "drop_scale")
+
+    def _forget_passes(self) -> None:
+        # (pass, weak reference to its input) of the latest passes, for recomputations.
+        self._recent: collections.deque[tuple[int, weakref.ref[Tensor]]] = collections.deque(maxlen=_REMEMBERED_PASSES)
+        # Passes that may be recomputed, since the backward that last recomputed this gate.
+        self._recomputable = 0
+        self._backward_id, self._ambiguous = -1, False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Weak references cannot be pickled; a copy has no passes of its own to recompute.
+        state = self.__dict__.copy()
+        del state["_recent"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._forget_passes()
 
     def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
         p = self.survival_prob
         if not self.training:
-            self.last_active = torch.tensor(p > 0.0)
+            if not torch.compiler.is_compiling():  # (a graph should not carry this side effect)
+                self.last_active = torch.tensor(p > 0.0)
             if p == 0.0:  # never trained with this branch: leave it out at test time too
                 return shortcut
             return shortcut.add(branch(x), alpha=1.0 if self.inverted else p)
         if isinstance(x, torch.fx.Proxy):
             return _stochastic_depth_cannot_train_traced(shortcut)
 
-        decision = self._decision_for(x.shape[0])
+        decision = self._decide(x)
         self.last_active = decision.active
         if self.mode == "batch":
             if not decision.active:
@@ -370,7 +446,7 @@ class StochasticDepth(nn.Module):
         scale = self._train_scale(decision.survival_prob, inclusion)
         if len(kept) == x.shape[0]:
             return shortcut.add(branch(x), alpha=scale)
-        kept = _indices_to(kept, x.device)  # a no-op when the model drew them for this device
+        kept = _indices_to(kept, x.device)
         if len(kept) > 1:
             residual = branch(x.index_select(0, kept))
         else:
@@ -379,20 +455,50 @@ class StochasticDepth(nn.Module):
             residual = branch(x).index_select(0, kept)
         return shortcut.index_add(0, kept, residual.to(shortcut.dtype), alpha=scale)
 
-    def _decision_for(self, batch_size: int) -> Decision:
-        if not self.drawn_by_model:
-            return self.draw(batch_size)
-        if self.decision is None:
+    @torch.compiler.disable  # host-side bookkeeping and draws: eager, also under torch.compile
+    def _decide(self, x: Tensor) -> Decision:
+        """The decision of a new pass, or of the pass that this call recomputes."""
+        # In batch mode with a step, every pass of the step drops the same blocks (on every
+        # process): the pass's number is left out of the key, and no recomputation is ambiguous.
+        by_step = self.mode == "batch" and self.step is not None
+        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recomputation
+            pass_index = -1 if by_step else self._recomputed_pass(x)
+        else:
+            pass_index, self.passes = self.passes, self.passes + 1
+            self._recent.append((pass_index, weakref.ref(x)))
+            self._recomputable += _may_be_recomputed()
+            if by_step:
+                pass_index = -1
+        step = self.step if self.step is not None else ()
+        if self.mode == "batch":
+            if not (by_step and self.seed_given) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                warnings.warn(_UNSTEPPED_DDP_WARNING, stacklevel=4)
+            key = (self.seed, self.index, pass_index, *step)
+        else:
+            key = (self.seed, self.index, pass_index, _process_rank(), *step)
+        p = _warmed_up(self.survival_prob, self._drop_scale)
+        return draw_decision(self.mode, p, x.shape[0], key_seed(len(step), *key))
+
+    def _recomputed_pass(self, x: Tensor) -> int:
+        task = torch._C._current_graph_task_id()
+        if task != self._backward_id:  # this gate's first recomputation in this backward pass
+            self._backward_id, self._ambiguous = task, self._recomputable > 1
+            self._recomputable = 0
+        for pass_index, ref in reversed(self._recent):
+            original = ref()
+            if original is not None and _same_tensor(original, x):
+                return pass_index
+        if not self._recent:
+            raise RuntimeError("a StochasticDepth gate is recomputed in a backward pass, but it ran no training pass")
+        if self._ambiguous:
             raise RuntimeError(
-                "this StochasticDepth gate belongs to a model that draws its decisions at the start "
-                "of its forward pass, and none was drawn: call the model, not the block on its own"
+                "activation checkpointing recomputes a StochasticDepth gate inside a checkpointed region of "
+                "several blocks, after several training passes of it (e.g. two views) before this backward: "
+                "which pass is recomputed cannot be told, and guessing could give wrong gradients. Checkpoint "
+                "each residual block on its own (apply_activation_checkpointing with a check_fn that picks "
+                "the blocks), whose recomputations the gate recognises, or call backward after each pass."
             )
-        if self.mode != "batch" and len(self.decision.active) != batch_size:
-            raise RuntimeError(
-                f"this gate's decision was drawn for a batch of {len(self.decision.active)} samples, "
-                f"but its block got {batch_size}: call the model, not the block on its own"
-            )
-        return self.decision
+        return self._recent[-1][0]
 
     def _train_scale(self, survival_prob: float, inclusion: float) -> float:
         """The factor of a kept residual while training, so that its expectation is ``p * residual``.
@@ -407,128 +513,107 @@ class StochasticDepth(nn.Module):
         return f"survival_prob={self.survival_prob:.4f}, mode={self.mode}, inverted={self.inverted}"
 
 
-class StochasticDepthState(nn.Module):
-    """What drives a model's gates: the generator, the drop warm-up scale, the pass's decisions.
+_UNSTEPPED_DDP_WARNING = (
+    "StochasticDepth in batch mode under torch.distributed without set_step(model, step) or without "
+    "an explicit seed: processes drop the same blocks only if their seeds are equal and they run the "
+    "same number of training passes (not after uneven inputs under join(), or an extra forward pass "
+    "on one process). Build the model with the same seed= on every process and call "
+    "set_step(model, step) on every process before each step, with a step that names the same batch "
+    "everywhere (e.g. epoch and batch index)."
+)
 
-    ``add_stochastic_depth`` (and so ``StochasticResNet``) gives a model one, as its
-    ``stochastic_depth_state`` submodule, and a forward pre-hook that calls
-    :meth:`draw` at the start of every training forward pass: every gate's decision
-    for that pass is drawn at once, in block order, and held until the next pass.
-    Get it with :func:`stochastic_depth_state`.
 
-    It has no parameters or buffers, so the model's ``state_dict`` keeps torchvision's
-    keys; :meth:`get_state` and :meth:`set_state` save and restore what it holds (the
-    generator's state and ``drop_scale``), as a trainer's checkpoint should.
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**62:
+        raise ValueError(f"seed must be an integer in [0, 2**62], got {seed!r}")
+    return seed
 
-    Distributed training: with DDP every process must drop the same blocks, or the
-    gradients of a block dropped on some processes and not on others are averaged with
-    zeros. So in the first training pass after ``torch.distributed`` is initialised
-    (with more than one process) the state takes process 0's generator state on every
-    process, with a warning on those whose generator differed (seeded per process, as
-    timm's ``train.py`` seeds with ``seed + rank``); in ``"batch"`` mode every pass
-    draws the same numbers of the generator, so the processes agree from then on. This
-    is one collective call, made by every process in the same pass, as in DDP, where
-    every process runs each forward pass. Set ``sync_across_processes = False`` where
-    processes train different models or only some of them run this one. Restore a
-    checkpoint's state on every process alike (no collective call is made again).
+
+def set_step(model: nn.Module, *step: int) -> None:
+    """Key the next training passes of `model`'s gates by the training step.
+
+    Decisions are then drawn from ``(seed, gate, step)`` in batch mode, so that every pass
+    of a step (two views, a recomputation, an extra forward on one process) drops the same
+    blocks, and every process at that step drops the same blocks as the others, whatever
+    passes each ran before: what DDP needs, also after uneven inputs under ``join()``. In the
+    row modes the passes of a step are numbered from 0 and each process draws its own
+    samples. Call it on every process before each step, with a step that names the same
+    batch on all of them (``set_step(model, epoch, batch_index)``).
 
     Parameters
     ----------
-    generator : torch.Generator
-        The CPU generator every gate of the model draws from.
+    model : torch.nn.Module
+        A model with stochastic-depth gates, or one gate.
+    *step : int
+        One or more integers (e.g. the optimizer step, or epoch and batch index).
 
-    Attributes
+    Raises
+    ------
+    ValueError
+        For no step, or a value that is not an integer; TypeError for a model without gates.
+    """
+    if not step or any(isinstance(s, bool) or not isinstance(s, int) for s in step):
+        raise ValueError(f"step must be one or more integers, got {step!r}")
+    gates = stochastic_depth_gates(model)
+    if not gates:
+        raise TypeError(f"{type(model).__name__} has no StochasticDepth gates")
+    for gate in gates:
+        gate.step, gate.passes = tuple(step), 0
+
+
+class StochasticDepthState:
+    """What a model's gates hold between training passes, to save with a checkpoint.
+
+    A view of the gates (:func:`stochastic_depth_state` makes one), not a module: the
+    model's structure and ``state_dict`` stay as they were. :meth:`get_state` and
+    :meth:`set_state` save and restore the seed, the step, each gate's pass count and
+    ``drop_scale``: all a resumed run needs to draw what the run would have drawn.
+
+    Parameters
     ----------
-    drop_scale : float
-        Fraction of each gate's drop probability ``1 - p_l`` applied in training, in
-        [0, 1]: 1 (the default) is the target rate, 0 drops nothing. A drop warm-up
-        (``train_lockstep(drop_warmup_steps=...)``) raises it from 0 to 1; see
-        :func:`linear_drop_warmup`.
-    sync_across_processes : bool
-        Take process 0's generator state in the first distributed training pass (True
-        by default, see above).
+    gates : sequence of StochasticDepth
+        The model's gates, in block order.
     """
 
-    def __init__(self, generator: torch.Generator) -> None:
-        super().__init__()
-        self.generator = generator
-        self._drop_scale = 1.0
-        self.sync_across_processes = True
-        self._synced = False
+    def __init__(self, gates: Sequence[StochasticDepth]) -> None:
+        self.gates = list(gates)
 
     @property
     def drop_scale(self) -> float:
-        return self._drop_scale
+        """The gates' ``drop_scale`` (the same for all); setting it sets every gate's."""
+        return self.gates[0].drop_scale
 
     @drop_scale.setter
     def drop_scale(self, value: float) -> None:
-        self._drop_scale = _check_probability(value, "drop_scale")
+        value = _check_probability(value, "drop_scale")
+        for gate in self.gates:
+            gate.drop_scale = value
 
-    @torch.compiler.disable  # random draws on a CPU generator: eager, also under torch.compile
-    def draw(self, gates: Sequence[StochasticDepth], batch_size: int, device: torch.device | None = None) -> None:
-        """Draw every training gate's decision for one forward pass, and hand each its own.
-
-        The gates of each mode are drawn together (:func:`draw_decisions`); in the row
-        modes their kept indices are moved to `device`, the input's, in one copy.
-        """
-        training = [gate for gate in gates if gate.training]
-        if self.sync_across_processes and not self._synced and training:
-            self._take_generator_of_process_0()
-        for mode in DROP_MODES:
-            group = [gate for gate in training if gate.mode == mode]
-            if not group:
-                continue
-            probs = [_warmed_up(gate.survival_prob, self._drop_scale) for gate in group]
-            for gate, decision in zip(group, draw_decisions(mode, probs, batch_size, self.generator, device)):
-                gate.decision = decision
-
-    def _take_generator_of_process_0(self) -> None:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return  # not distributed (yet): look again at the next training pass
-        own = self.generator.get_state()
-        # NCCL moves CUDA tensors only; the other backends move CPU tensors.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        received = own.to(device, copy=True)  # (to() without copy would receive into own itself)
-        dist.broadcast(received, src=0)
-        received = received.cpu()
-        if not torch.equal(received, own):
-            warnings.warn(
-                f"process {dist.get_rank()}: the stochastic-depth generator differs from process 0's "
-                "(seeded differently on each process?); taking process 0's, so that every process drops "
-                "the same blocks. Set stochastic_depth_state(model).sync_across_processes = False where "
-                "processes should draw on their own.",
-                stacklevel=2,
-            )
-            self.generator.set_state(received)
-        self._synced = True
+    @property
+    def seed(self) -> int:
+        return self.gates[0].seed
 
     def get_state(self) -> dict[str, Any]:
-        """``{"generator": its state, "drop_scale": float}``: all it needs to continue exactly."""
-        return {"generator": self.generator.get_state(), "drop_scale": self._drop_scale}
+        """``{"seed", "step", "passes", "drop_scale"}``: all the gates need to continue exactly."""
+        return {
+            "seed": self.seed,
+            "step": self.gates[0].step,
+            "passes": [gate.passes for gate in self.gates],
+            "drop_scale": self.drop_scale,
+        }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`get_state` returned."""
-        self.generator.set_state(state["generator"])
+        """Restore what :meth:`get_state` returned, for a model with as many gates."""
+        if "passes" not in state:
+            raise ValueError(
+                "this stochastic-depth state holds a random generator's state: it was saved by an earlier "
+                "version, whose gates drew from one generator, and cannot continue these gates' draws"
+            )
+        if len(state["passes"]) != len(self.gates):
+            raise ValueError(f"the state is of {len(state['passes'])} gates, this model has {len(self.gates)}")
         self.drop_scale = state["drop_scale"]
-
-    def extra_repr(self) -> str:
-        return f"drop_scale={self._drop_scale:g}"
-
-
-def _draw_decisions(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> None:
-    """Forward pre-hook of a model with stochastic depth: one draw per gate per pass.
-
-    The batch is the first tensor passed, by position or (``model(x=images)``) by name.
-    """
-    # add_stochastic_depth puts the state right under the model it hooks: no walk of the model.
-    state = model._modules.get("stochastic_depth_state")
-    if state is None:
-        return
-    images = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)), None)
-    if images is None:
-        state.draw(stochastic_depth_gates(model), 0)
-    else:
-        state.draw(stochastic_depth_gates(model), images.shape[0], images.device)
+        for gate, passes in zip(self.gates, state["passes"]):
+            gate.seed, gate.step, gate.passes = state["seed"], state["step"], passes
 
 
 def linear_drop_warmup(step: int, warmup_steps: int) -> float:
@@ -596,13 +681,33 @@ class AvgPoolZeroPad(nn.Module):
 class _ResidualBlock(nn.Module):
     """``relu(shortcut(x) + branch(x))``, with an optional stochastic-depth gate."""
 
-    downsample: nn.Module | None
-    stochastic_depth: StochasticDepth | None
-    # Set by compile_branches: torch.compile of the class's `branch`, called with the block.
-    compiled_branch: Callable[[_ResidualBlock, Tensor], Tensor] | None = None
+    # Set by compile_branches: torch.compile of the class's `branch`, called with the block,
+    # and the options it was compiled with (what a pickled or copied block compiles again with).
+    compiled_branch = None
+    compile_options = None
 
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A compiled function holds dynamo's process-local caches and cannot be pickled:
+        # the options to compile it again travel instead.
+        state = self.__dict__.copy()
+        state.pop("compiled_branch", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.compile_options is not None:
+            _compile_branch(self, self.compile_options)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise TypeError(
+            f"{type(self).__name__} (a residual block of resnet_with_stochastic_depth) cannot be compiled "
+            "by TorchScript, which cannot call a branch passed as a function. Export the eval-mode model "
+            "with torch.export.export(model.eval(), (images,)) instead, or torch.compile it."
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -857,15 +962,16 @@ class StochasticResNet(ResNet):
     inverted : bool
         Scale by ``1 / p_l`` while training instead of by ``p_l`` at test time.
     seed : int, optional
-        Seed of the generator that draws the gates. By default it is drawn from
-        torch's global generator after the weights are initialised, so
-        ``torch.manual_seed`` makes the whole model reproducible.
+        Seed of the gates' draws, in [0, 2**62]. By default it is drawn from torch's
+        global generator after the weights are initialised, so ``torch.manual_seed``
+        makes the whole model reproducible. Under DDP give every process the same
+        one (and see :func:`set_step`).
 
     Notes
     -----
-    Every training forward pass starts by drawing all gates' decisions at once
-    (``stochastic_depth_state``, a submodule), and each block uses its decision for the
-    whole pass: a block recomputed by activation checkpointing makes the same choice.
+    Each gate draws its decision when its block runs in training mode, and a block
+    recomputed by activation checkpointing gets the same decision again; see the
+    module's docstring for the rule.
 
     Examples
     --------
@@ -888,9 +994,9 @@ class StochasticResNet(ResNet):
         add_stochastic_depth(self, survival_rule, p_last, mode=mode, inverted=inverted, seed=seed)
 
     @property
-    def generator(self) -> torch.Generator:
-        """The CPU generator the gates draw from (``stochastic_depth_state.generator``)."""
-        return self.stochastic_depth_state.generator
+    def seed(self) -> int:
+        """The seed of the gates' draws."""
+        return stochastic_depth_gates(self)[0].seed
 
     @property
     def survival_probabilities(self) -> list[float]:
@@ -949,11 +1055,11 @@ def add_stochastic_depth(
     Works on torchvision's ResNets (``BasicBlock`` and ``Bottleneck``) and on this
     module's. Weights, ``state_dict`` keys and the model's class stay as they were;
     torchvision's blocks are swapped for equivalent ones of this module that hold the
-    very same submodules. The model gets a ``stochastic_depth_state`` submodule
-    (:class:`StochasticDepthState`: the generator, the drop warm-up scale) and a
-    forward pre-hook that draws all gates' decisions at the start of each training
-    pass, exactly as a ``StochasticResNet``. Calling it again on the same model
-    replaces the gates and the state.
+    very same submodules. Nothing else is added: no submodule, no hook, so containers
+    that call the model's layers (``IntermediateLayerGetter``, ``BackboneWithFPN``,
+    ``nn.Sequential(*list(model.children())[:-2])``) see the same children and get drops,
+    since each gate draws when its block runs. Calling it again on the same model
+    replaces the gates.
 
     Parameters
     ----------
@@ -981,16 +1087,12 @@ def add_stochastic_depth(
     blocks = [_as_residual_block(child) for _, _, child in parents]
     probs = survival_probabilities(len(parents), survival_rule, p_last)
 
-    if seed is None:
-        seed = int(torch.randint(2**62, ()).item())
-    generator = torch.Generator().manual_seed(seed)
-    model.stochastic_depth_state = StochasticDepthState(generator)
-    for (parent, name, _), block, p in zip(parents, blocks, probs):
-        block.stochastic_depth = StochasticDepth(survival_prob=p, mode=mode, inverted=inverted, generator=generator)
-        block.stochastic_depth.drawn_by_model = True
+    seed_given = seed is not None
+    seed = _check_seed(seed) if seed_given else int(torch.randint(2**62, ()).item())
+    for index, ((parent, name, _), block, p) in enumerate(zip(parents, blocks, probs)):
+        block.stochastic_depth = StochasticDepth(survival_prob=p, mode=mode, inverted=inverted, seed=seed, index=index)
+        block.stochastic_depth.seed_given = seed_given
         setattr(parent, name, block)
-    if _draw_decisions not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_draw_decisions, with_kwargs=True)
     return model
 
 
@@ -1000,8 +1102,9 @@ def stochastic_depth_gates(model: nn.Module) -> list[StochasticDepth]:
 
 
 def stochastic_depth_state(model: nn.Module) -> StochasticDepthState | None:
-    """The :class:`StochasticDepthState` that drives `model`'s gates, or None if it has none."""
-    return next((m for m in model.modules() if isinstance(m, StochasticDepthState)), None)
+    """The :class:`StochasticDepthState` of `model`'s gates, or None if it has none."""
+    gates = stochastic_depth_gates(model)
+    return StochasticDepthState(gates) if gates else None
 
 
 def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
@@ -1015,7 +1118,9 @@ def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
     its own dynamo cache, so no recompile limit is reached (dynamo's limit counts the
     variants of one function, and parameter shapes are always specialised). The
     decisions, the gathering of kept samples and the shortcut addition run eagerly in
-    between; dropped blocks are still skipped.
+    between; dropped blocks are still skipped. The model can still be pickled whole
+    (``torch.save(model, f)``) and deep-copied (an EMA copy): a block keeps the options
+    and compiles its branch again when it is loaded or copied.
 
     Parameters
     ----------
@@ -1034,12 +1139,16 @@ def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no residual blocks of this module to compile")
     for block in blocks:
-        layers = tuple(repr(m) for name, m in block.named_children() if name not in ("downsample", "stochastic_depth"))
-        key = (type(block).__qualname__, *layers, repr(sorted(options.items())))
-        if key not in _COMPILED_BRANCHES:
-            _COMPILED_BRANCHES[key] = torch.compile(_branch_function(type(block), len(_COMPILED_BRANCHES)), **options)
-        block.compiled_branch = _COMPILED_BRANCHES[key]
+        _compile_branch(block, options)
     return model
+
+
+def _compile_branch(block: _ResidualBlock, options: Mapping[str, Any]) -> None:
+    layers = tuple(repr(m) for name, m in block.named_children() if name not in ("downsample", "stochastic_depth"))
+    key = (type(block).__qualname__, *layers, repr(sorted(options.items())))
+    if key not in _COMPILED_BRANCHES:
+        _COMPILED_BRANCHES[key] = torch.compile(_branch_function(type(block), len(_COMPILED_BRANCHES)), **options)
+    block.compiled_branch, block.compile_options = _COMPILED_BRANCHES[key], dict(options)
 
 
 # Compiled branches by block class, layers and options: models of the same shapes (a ResNet

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import image_data
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_depth_state
+from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
 from training import BatchSampler, save_atomically, synchronize
 
 # Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe
@@ -471,6 +471,8 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
             augment_generator.manual_seed(_augmentation_seed(args.seed, step))
             images = preprocess(images, augment_generator)[processes.rank :: processes.world_size]
             labels = labels[processes.rank :: processes.world_size]
+            if stochastic:  # every process drops the same blocks at this step, by construction
+                set_step(model, step)
             loss, logits = training_step(network, optimizer, scaler, autocast, images, labels, set_to_none)
             step += 1
             with torch.no_grad():

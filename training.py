@@ -299,8 +299,8 @@ def train_lockstep(
     models : mapping of str to nn.Module
         Models by name, moved to `device`. Seed the global RNG before building them if their
         initialisation must repeat. A model with stochastic depth (a ``StochasticResNet`` or
-        a model given ``add_stochastic_depth``) has its ``StochasticDepthState`` (generator
-        and drop warm-up scale) checkpointed and restored too.
+        a model given ``add_stochastic_depth``) has its ``StochasticDepthState`` (seed, pass
+        counts and drop warm-up scale) checkpointed and restored too.
     train, test : Split
         Training and test data, as returned by ``load_mnist``; copied to `device` once.
     iterations : int
@@ -556,13 +556,11 @@ def _set_rng_states(states: Mapping[str, Any], models: Mapping[str, nn.Module]) 
         torch.cuda.set_rng_state_all(states["cuda"])
     model_states = _stochastic_depth_states(models)
     for name, state in states["models"].items():
-        if isinstance(state, torch.Tensor):  # written before drop_scale existed: the generator's state
-            state = {"generator": state, "drop_scale": 1.0}
         model_states[name].set_state(state)
 
 
 def _stochastic_depth_states(models: Mapping[str, nn.Module]) -> dict[str, StochasticDepthState]:
-    """The stochastic-depth state (generator, drop warm-up scale) of each model that has one."""
+    """The stochastic-depth state (seed, pass counts, drop warm-up scale) of each model that has one."""
     states = {name: stochastic_depth_state(model) for name, model in models.items()}
     return {name: state for name, state in states.items() if state is not None}
 

@@ -25,8 +25,10 @@ from resnet_with_stochastic_depth import (
     StochasticResNet,
     add_stochastic_depth,
     compile_branches,
-    draw_decisions,
+    draw_decision,
+    key_seed,
     linear_drop_warmup,
+    set_step,
     stochastic_depth_gates,
     stochastic_depth_state,
     survival_probabilities,
@@ -221,10 +223,11 @@ def test_same_seed_same_drops_other_seed_other_drops():
     assert not torch.equal(drop_sequence(1), drop_sequence(2))
 
 
-def test_global_seed_makes_the_default_generator_reproducible():
+def test_global_seed_makes_the_default_seed_reproducible():
     _, a = tiny_pair(seed=5)
     _, b = tiny_pair(seed=5)
-    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    _, c = tiny_pair(seed=6)
+    assert a.seed == b.seed != c.seed
 
 
 # ---------------------------------------------------------------------------------- dropped = not computed
@@ -272,7 +275,7 @@ def test_row_mode_runs_the_branch_only_on_kept_samples():
 
 def test_row_mode_output_matches_a_masked_reference():
     torch.manual_seed(0)
-    gate = StochasticDepth(survival_prob=0.6, mode="row", generator=torch.Generator().manual_seed(9))
+    gate = StochasticDepth(survival_prob=0.6, mode="row", seed=9)
     x = torch.randn(16, 3)
     weight = torch.randn(3, 3)
     out = gate(lambda t: t @ weight, x, shortcut=x)
@@ -316,8 +319,7 @@ def test_a_batch_passed_by_name_is_drawn_for_like_one_passed_by_position(mode):
 
 @pytest.mark.parametrize("inverted", [False, True])
 def test_row_subset_output_matches_a_rescaled_masked_reference(inverted):
-    gate = StochasticDepth(survival_prob=0.6, mode="row_subset", inverted=inverted,
-                           generator=torch.Generator().manual_seed(9))
+    gate = StochasticDepth(survival_prob=0.6, mode="row_subset", inverted=inverted, seed=9)
     x = torch.randn(16, 3)
     weight = torch.randn(3, 3)
     out = gate(lambda t: t @ weight, x, shortcut=x)
@@ -327,23 +329,22 @@ def test_row_subset_output_matches_a_rescaled_masked_reference(inverted):
     torch.testing.assert_close(out, x + mask * scale * (x @ weight))
 
 
-@pytest.mark.parametrize("mode", ["batch", "row"])
-def test_drawing_all_gates_at_once_takes_the_numbers_one_draw_per_gate_would(mode):
-    probs = [0.9, 0.7, 0.5, 0.3]
-    decisions = draw_decisions(mode, probs, 8, torch.Generator().manual_seed(5))
-    generator = torch.Generator().manual_seed(5)
-    shape = () if mode == "batch" else (8,)
-    for decision, p in zip(decisions, probs):
-        reference = torch.rand(shape, generator=generator) < p
-        assert torch.equal(decision.active, reference) and decision.survival_prob == p
-        if mode == "row":
-            assert torch.equal(decision.kept, reference.nonzero().squeeze(1))
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
+def test_a_decision_is_a_function_of_its_seed_and_keys_hash_apart(mode):
+    first, again = (draw_decision(mode, 0.5, 64, key_seed(3, 1, 7)) for _ in range(2))
+    assert torch.equal(first.active, again.active)
+    assert first.kept is None if mode == "batch" else torch.equal(first.kept, first.active.nonzero().squeeze(1))
+    assert key_seed(3, 1, 7) != key_seed(3, 7, 1) and key_seed(1, 2) != key_seed(1, 2, 0)
+    assert 0 <= key_seed(-1, 2**62) < 2**63
+    # Seeds of neighbouring keys give unrelated draws: 400 keys, batch mode at p = 0.3.
+    kept = sum(bool(draw_decision("batch", 0.3, 1, key_seed(5, i)).active) for i in range(400))
+    assert abs(kept - 120) <= binomial_bound(400, 0.3)
 
 
 def test_row_subset_chooses_every_k_subset_equally_often():
-    # 6000 gates drawn at once, each choosing k = 2 of B = 4 samples: the 6 subsets must be
-    # equally likely (a tie between keys, or a biased shuffle, would favour some).
-    decisions = draw_decisions("row_subset", [0.5] * 6000, 4, torch.Generator().manual_seed(2))
+    # 6000 draws, each choosing k = 2 of B = 4 samples: the 6 subsets must be equally
+    # likely (a tie between keys, or a biased shuffle, would favour some).
+    decisions = [draw_decision("row_subset", 0.5, 4, key_seed(2, i)) for i in range(6000)]
     assert all(torch.equal(d.kept, d.active.nonzero().squeeze(1)) for d in decisions)  # ascending
     counts = {}
     for d in decisions:
@@ -354,22 +355,23 @@ def test_row_subset_chooses_every_k_subset_equally_often():
     assert scipy.stats.chisquare(list(counts.values())).pvalue > 1e-4
 
 
-def test_row_subset_adds_at_most_five_device_operators_per_block_and_a_few_host_ones_per_pass():
+def test_row_subset_adds_at_most_five_device_operators_and_a_few_host_ones_per_block():
     # Where a GPU step is bound by kernel launches (ResNet-50 on MNIST on an H100), each extra
     # operator costs time no smaller batch gives back. On the device, per block that runs on a
     # subset: the gather and its gradient, the scatter-add (instead of the add) and its
-    # gradient's zeros, the scale in backward. On the host, per pass: the draws of all gates.
+    # gradient's zeros, the scale in backward, and the copy of the kept indices. On the host,
+    # per block: the gate's draw.
     plain, stochastic = tiny_pair(mode="row_subset", p_last=0.5)
     x, y = batch(8)
     stochastic(x)  # a pass, to see which blocks ran on a subset
     on_a_subset = sum(0 < k < 8 for k in stochastic.active_blocks.sum(1).tolist())
     assert on_a_subset == 6
-    state = stochastic.generator.get_state()
+    passes = stochastic_depth_state(stochastic).get_state()
     counted, reference = training_operator_count(stochastic, x, y), training_operator_count(plain, x, y)
-    assert torch.equal(stochastic.generator.get_state(), state)  # counted on a copy
+    assert stochastic_depth_state(stochastic).get_state() == passes  # counted on a copy
     assert reference["host"] == 0
-    assert counted["device"] - reference["device"] <= 5 * on_a_subset + 1, counted  # + 1: the indices' copy
-    assert counted["host"] <= 8, counted
+    assert counted["device"] - reference["device"] <= 6 * on_a_subset, counted
+    assert counted["host"] <= 8 * 6, counted
 
 
 def test_survival_prob_is_keyword_only_so_it_cannot_be_read_as_torchvisions_drop_probability():
@@ -409,7 +411,7 @@ def test_eval_matches_hand_built_reference_and_is_deterministic():
 @pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
 @pytest.mark.parametrize("inverted", [False, True])
 def test_training_output_equals_test_output_in_expectation(inverted, mode):
-    gate = StochasticDepth(survival_prob=0.3, mode=mode, inverted=inverted, generator=torch.Generator().manual_seed(11))
+    gate = StochasticDepth(survival_prob=0.3, mode=mode, inverted=inverted, seed=11)
     x = torch.tensor([[1.0, -2.0]] * 10)  # 10 samples: row_subset keeps k = 3 of them, scaled by 0.3 * 10 / 3
     residual = torch.tensor([[4.0, 8.0]] * 10)
     draws = 4000
@@ -508,22 +510,27 @@ def test_add_stochastic_depth_with_a_bad_argument_leaves_the_model_as_it_was():
         with pytest.raises(ValueError):
             add_stochastic_depth(model, **kwargs)
         assert {name: type(m) for name, m in model.named_modules()} == before
-        assert not hasattr(model, "generator") and stochastic_depth_state(model) is None
+        assert stochastic_depth_state(model) is None
 
 
-def test_converted_torchvision_model_draws_once_per_pass_like_stochastic_resnet():
+def test_converted_torchvision_model_draws_like_stochastic_resnet_and_adds_nothing_else():
     torch.manual_seed(0)
-    model = add_stochastic_depth(torchvision.models.resnet18(num_classes=10), p_last=0.5, seed=0)
-    add_stochastic_depth(model, p_last=0.5, seed=0)  # again: one state, one hook, the same draws
-    state = stochastic_depth_state(model)
-    assert len(model._forward_pre_hooks) == 1
+    model = torchvision.models.resnet18(num_classes=10)
+    children = [name for name, _ in model.named_children()]
+    add_stochastic_depth(model, p_last=0.5, seed=0)
+    add_stochastic_depth(model, p_last=0.5, seed=0)  # again: the gates replaced, the same draws
+    assert [name for name, _ in model.named_children()] == children
+    assert not model._forward_pre_hooks and not model._forward_hooks
     x, _ = batch(2, size=32)
     with torch.no_grad():
         model(x)
-    decisions = [gate.decision.active for gate in stochastic_depth_gates(model)]
-    replay = torch.Generator().manual_seed(0)
-    expected = [torch.rand((), generator=replay) < p for p in survival_probabilities(8, "linear", 0.5)]
-    assert decisions == expected and state.generator is stochastic_depth_gates(model)[0].generator
+    decisions = [bool(gate.last_active) for gate in stochastic_depth_gates(model)]
+    # Pass 0 of gate i: the key (seed, index, pass) with no step.
+    expected = [
+        bool(draw_decision("batch", p, 2, key_seed(0, 0, i, 0)).active)
+        for i, p in enumerate(survival_probabilities(8, "linear", 0.5))
+    ]
+    assert decisions == expected
 
 
 def test_add_stochastic_depth_rejects_a_model_without_residual_blocks():
@@ -534,14 +541,15 @@ def test_add_stochastic_depth_rejects_a_model_without_residual_blocks():
 # ---------------------------------------------------------------------------------- PyTorch features
 
 
-def test_deepcopy_and_generator_state_round_trip():
+def test_deepcopy_and_state_round_trip():
     _, model = tiny_pair()
-    clone = copy.deepcopy(model)
-    assert all(g.generator is clone.generator for g in stochastic_depth_gates(clone))
-    state = model.generator.get_state()
     x, _ = batch(2, size=4)
+    active_sequence(model, x, 3)
+    clone = copy.deepcopy(model)  # an EMA copy: the same seed and counts, so the same next draws
+    state = stochastic_depth_state(model).get_state()
     first = active_sequence(model, x, 20)
-    model.generator.set_state(state)
+    assert torch.equal(active_sequence(clone, x, 20), first)
+    stochastic_depth_state(model).set_state(state)
     assert torch.equal(active_sequence(model, x, 20), first)
 
 
@@ -750,49 +758,89 @@ def test_drop_scale_is_checked_and_part_of_the_state():
 # ---------------------------------------------------------------------------------- distributed
 
 
-def _ddp_worker(rank, world_size, init_file, seeding, results):
+def _ddp_worker(rank, world_size, init_file, mode, stepped, results):
     import warnings
 
     import torch.distributed as dist
 
-    from resnet_with_stochastic_depth import stochastic_depth_state
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    torch.manual_seed(100 + rank)  # different global RNG on each rank, as timm's train.py (seed + rank)
-    if seeding == "same":
-        model = StochasticResNet.cifar(14, seed=1234)
-    else:  # the generator's seed comes from the global RNG: a different one on each rank
-        model = StochasticResNet.cifar(14)
-        stochastic_depth_state(model).sync_across_processes = seeding != "per_rank_opt_out"
+    torch.manual_seed(100 + rank)  # a different global RNG on each rank, as timm's train.py (seed + rank)
+    model = StochasticResNet.cifar(14, mode=mode, p_last=0.5, seed=1234)  # the same weights come from rank 0
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
-    x, y = batch(4, seed=rank)  # different data on each rank
-    drops = []
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    drops = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(8):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(ddp(x), y).backward()
-            optimizer.step()
-            drops.append(model.active_blocks.clone())
-    messages = [str(w.message) for w in caught if "stochastic-depth generator" in str(w.message)]
-    results[rank] = (torch.stack(drops), messages)
+        # Epoch 0 is uneven (process 0 has 3 batches, process 1 has 2) under join(); then
+        # process 0 runs one extra training-mode forward pass; epoch 1 is even.
+        for epoch, batches in enumerate([3 - rank, 2]):
+            with ddp.join():
+                for i in range(batches):
+                    if stepped:
+                        set_step(model, epoch, i)
+                    x, y = batch(16, seed=10 * epoch + i + 1000 * rank)  # different data on each rank
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(ddp(x), y).backward()
+                    optimizer.step()
+                    drops[epoch, i] = model.active_blocks.clone()
+            if rank == 0 and epoch == 0:
+                with torch.no_grad():
+                    model(batch(16)[0])
+    warned = any("without set_step" in str(w.message) for w in caught)
+    results[rank] = (drops, [p.detach().clone() for p in model.parameters()], warned)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("seeding", ["same", "per_rank", "per_rank_opt_out"])
-def test_distributed_ranks_drop_the_same_blocks_even_when_seeded_per_rank(tmp_path, seeding):
+def _run_two_processes(tmp_path, mode, stepped):
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", seeding, results), nprocs=2)
-        (drops0, warned0), (drops1, warned1) = results[0], results[1]
-    assert not drops0.all()  # some blocks were actually dropped
-    if seeding == "per_rank_opt_out":  # each process draws on its own, as asked
-        assert not torch.equal(drops0, drops1) and warned0 == warned1 == []
-        return
-    assert torch.equal(drops0, drops1)
-    assert warned0 == []  # process 0's generator is the one taken
-    # Process 1 says so when it had to take it, and only then.
-    assert (len(warned1) == 1 and "taking process 0's" in warned1[0]) if seeding == "per_rank" else warned1 == []
+        mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", mode, stepped, results), nprocs=2)
+        return results[0], results[1]
+
+
+def test_ddp_processes_drop_the_same_blocks_at_every_step_after_uneven_inputs_and_an_extra_pass(tmp_path):
+    (drops0, params0, warned0), (drops1, params1, warned1) = _run_two_processes(tmp_path, "batch", stepped=True)
+    assert sorted(drops0) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] and sorted(drops1) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for step in drops1:  # every step both processes took
+        assert torch.equal(drops0[step], drops1[step]), step
+    assert not all(d.all() for d in drops0.values())  # some blocks were dropped
+    assert all(torch.equal(a, b) for a, b in zip(params0, params1))
+    assert not warned0 and not warned1
+
+
+def test_ddp_without_set_step_warns_in_batch_mode(tmp_path):
+    # Without a step, a pass's key is its number: process 0, 2 passes ahead after epoch 0, drops others.
+    (drops0, _, warned0), (drops1, _, warned1) = _run_two_processes(tmp_path, "batch", stepped=False)
+    assert warned0 and warned1
+    assert not all(torch.equal(drops0[step], drops1[step]) for step in [(1, 0), (1, 1)])
+
+
+@pytest.mark.parametrize("mode", ["row", "row_subset"])
+def test_ddp_processes_draw_their_own_samples_in_the_row_modes(tmp_path, mode):
+    (drops0, _, _), (drops1, _, _) = _run_two_processes(tmp_path, mode, stepped=True)
+    steps = sorted(drops1)
+    a, b = (torch.stack([d[step] for step in steps]) for d in (drops0, drops1))  # (steps, gates, samples)
+    # Independent draws agree on a sample with probability 1 - 2 p (1 - p) (row) or about that
+    # (row_subset: k of B kept on each process, agreement 1 - 2 k (B - k) / (B (B - 1)) per sample).
+    probs = torch.tensor(StochasticResNet.cifar(14, p_last=0.5).survival_probabilities)
+    if mode == "row":
+        agree = 1 - 2 * probs * (1 - probs)
+    else:
+        k = torch.tensor([max(1, math.floor(16 * p + 0.5)) for p in probs.tolist()], dtype=torch.float64)
+        agree = 1 - 2 * k * (16 - k) / (16 * 15)
+    trials = a.shape[0] * a.shape[2]
+    expected = (agree * trials).sum().item()
+    variance = (agree * (1 - agree) * trials).sum().item()
+    observed = (a == b).sum().item()
+    assert abs(observed - expected) <= 4.5 * math.sqrt(variance), (observed, expected)
+    assert observed < a.numel()
+    # Process 0's draws are the ones a single process with the same seed makes at those steps.
+    single = StochasticResNet.cifar(14, mode=mode, p_last=0.5, seed=1234)
+    for step in sorted(drops0):
+        set_step(single, *step)
+        single(batch(16)[0])
+        assert torch.equal(single.active_blocks, drops0[step]), step
+
+
