@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import utils
-from resnet_with_stochastic_depth import StochasticDepthState, StochasticResNet, stochastic_depth_state
+from resnet_with_stochastic_depth import StochasticDepth, StochasticResNet, stochastic_depth_state
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DETERMINISTIC = [m for m in utils.METRICS if m != "step_time"]  # step_time is a wall clock
@@ -114,20 +114,17 @@ class Linear(nn.Module):
 
 
 class RandomMask(nn.Module):
-    """Drops random inputs every training step, drawn from a StochasticDepthState's generator
-    (as a stochastic-depth model's gates are), which the trainer must checkpoint."""
+    """Drops random samples every training step with a stochastic-depth gate (row mode), whose
+    draws follow its pass counts, which the trainer must checkpoint."""
 
     def __init__(self, seed=0):
         super().__init__()
-        self.drops = StochasticDepthState(torch.Generator().manual_seed(seed))
+        self.gate = StochasticDepth(survival_prob=0.5, mode="row", seed=seed)
         self.linear = nn.Linear(784, 10)
 
     def forward(self, images):
         images = images.flatten(1)
-        if self.training:
-            keep = torch.rand(images.shape[1], generator=self.drops.generator) < 0.5
-            images = images * keep.to(images.device)
-        return self.linear(images)
+        return self.linear(self.gate(lambda kept: kept, images, torch.zeros_like(images)))
 
 
 def tiny_models():
