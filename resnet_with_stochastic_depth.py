@@ -404,8 +404,8 @@ class StochasticDepth(nn.Module):
         self._drop_scale = _check_probability(value, "drop_scale")
 
     def _forget_passes(self) -> None:
-        # (pass, weak reference to its input) of the latest passes, for recomputations.
-        self._recent: collections.deque[tuple[int, weakref.ref[Tensor]]] = collections.deque(maxlen=_REMEMBERED_PASSES)
+        # [pass, weak reference to its input, recomputed yet] of the latest passes.
+        self._recent: collections.deque[list] = collections.deque(maxlen=_REMEMBERED_PASSES)
         # Passes that may be recomputed, since the backward that last recomputed this gate.
         self._recomputable = 0
         self._backward_id, self._ambiguous = -1, False
@@ -465,7 +465,7 @@ class StochasticDepth(nn.Module):
             pass_index = -1 if by_step else self._recomputed_pass(x)
         else:
             pass_index, self.passes = self.passes, self.passes + 1
-            self._recent.append((pass_index, weakref.ref(x)))
+            self._recent.append([pass_index, weakref.ref(x), False])
             self._recomputable += _may_be_recomputed()
             if by_step:
                 pass_index = -1
@@ -484,10 +484,19 @@ class StochasticDepth(nn.Module):
         if task != self._backward_id:  # this gate's first recomputation in this backward pass
             self._backward_id, self._ambiguous = task, self._recomputable > 1
             self._recomputable = 0
-        for pass_index, ref in reversed(self._recent):
-            original = ref()
-            if original is not None and _same_tensor(original, x):
-                return pass_index
+        # Checkpointing one block hands it the input of the pass it recomputes, once per backward.
+        matches = [entry for entry in self._recent if not entry[2] and (original := entry[1]()) is not None
+                   and _same_tensor(original, x)]
+        if len(matches) > 1:
+            raise RuntimeError(
+                f"activation checkpointing recomputes a StochasticDepth gate that ran {len(matches)} training "
+                "passes on the very same input before this backward (e.g. two passes of one batch, as in "
+                "R-Drop): which pass is recomputed cannot be told, and guessing could give wrong gradients. "
+                "Call backward after each pass, or do not checkpoint this block."
+            )
+        if matches:
+            matches[0][2] = True
+            return matches[0][0]
         if not self._recent:
             raise RuntimeError("a StochasticDepth gate is recomputed in a backward pass, but it ran no training pass")
         if self._ambiguous:

@@ -179,6 +179,15 @@ def test_two_views_through_one_checkpointed_region_raise_before_any_gradient(ree
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_two_passes_of_the_very_same_tensor_through_a_checkpointed_block_raise():
+    # As in R-Drop, a block run twice on one tensor: its input cannot tell the passes apart.
+    block = StochasticResNet.cifar(14, mode="row", p_last=0.3, seed=4).layer3[1]
+    x = torch.randn(8, 64, 2, 2, requires_grad=True)
+    out = checkpoint(block, x, use_reentrant=False).sum() + checkpoint(block, x, use_reentrant=False).sum()
+    with pytest.raises(RuntimeError, match="2 training passes on the very same input"):
+        out.backward()
+
+
 def test_two_views_in_batch_mode_with_a_step_share_one_subnetwork_also_through_a_region():
     # With set_step, batch mode draws per step: both views of the step drop the same blocks,
     # so a region recomputed for either view is not ambiguous.
