@@ -104,7 +104,11 @@ def flop_floors(p_last: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, di
     }
 
 
-def time_steps(variants, x, y, device, rounds: int, warmup: int, clock=time.perf_counter) -> dict[str, list[float]]:
+def time_steps(variants, x, y, device, rounds: int, warmup: int, clock=time.perf_counter, on_step=None) -> dict[str, list[float]]:
+    """Each variant's timed training steps (Adam), interleaved in a shuffled order each round.
+
+    `on_step(name, model)`, if given, is called after each timed step, outside the timing.
+    """
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
@@ -122,6 +126,8 @@ def time_steps(variants, x, y, device, rounds: int, warmup: int, clock=time.perf
             sync()
             if round_index >= warmup:
                 times[name].append(clock() - start)
+                if on_step is not None:
+                    on_step(name, model)
     return times
 
 
