@@ -276,7 +276,8 @@ def _process_rank() -> int:
 def _may_be_recomputed() -> bool:
     """Whether a pass now could be run again by activation checkpointing in a backward pass:
     reentrant checkpointing runs its first forward without gradients, non-reentrant
-    checkpointing runs it under saved-tensor hooks."""
+    checkpointing runs it under saved-tensor hooks. (The two private calls of this module,
+    this one and ``_current_graph_task_id``, are what torch.utils.checkpoint itself uses.)"""
     return not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
