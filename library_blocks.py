@@ -470,8 +470,9 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
 
     torch 2.14's formula leaves out ``groups`` in the backward pass: it counts a
     depthwise convolution's backward (ConvNeXt's, EfficientNet's) as ``channels`` times
-    too much (a 3x3 depthwise conv of 64 channels: 65 times its forward instead of 2).
-    The forward is ``2 * (output elements) * (in_channels / groups) * kernel size``.
+    too much (a 3x3 depthwise conv of 64 channels: 65 times its forward instead of 2;
+    pytorch/pytorch#183405 took up the groups in these formulas). The forward is
+    ``2 * (output elements) * (in_channels / groups) * kernel size``.
     """
     if transposed:  # not in these networks: torch's own formula
         return flop_counter.conv_backward_flop(
