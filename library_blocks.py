@@ -135,6 +135,40 @@ class _Converted:
     GATES: ClassVar[tuple[str, ...]]
 
 
+def _channels_last(t: Tensor) -> bool:
+    """Whether `t` is laid out channels_last, not (also) plainly contiguous: (N, C, H, W) with C fastest."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+    """``gate(branch, x, shortcut)`` for a convolutional block, in the memory layout the library's block gives.
+
+    In the row modes the gate gathers the kept samples (``index_select``) and adds their
+    residuals into a copy of the shortcut (``index_add``), both of which return plainly
+    contiguous (NCHW) tensors. A channels_last network (ConvNeXt's blocks return
+    channels_last tensors, from their last permutation; any model after
+    ``.to(memory_format=torch.channels_last)``) would switch to NCHW without a word, and
+    a depthwise convolution runs about 3 times slower in NCHW on the CPU (ConvNeXt-T,
+    torch 2.14). So the branch gets the kept samples in `x`'s layout, and the output
+    takes the layout of the branch's output, as the library's ``branch + shortcut``
+    does (the same values: layouts change no arithmetic of an addition).
+    """
+    if isinstance(x, torch.fx.Proxy):  # traced (eval mode): layouts are not known
+        return gate(branch, x, shortcut)
+    restore = _channels_last(x)
+    residual_channels_last: list[bool] = []
+
+    def run(t: Tensor) -> Tensor:
+        residual = branch(t.contiguous(memory_format=torch.channels_last) if restore else t)
+        residual_channels_last.append(_channels_last(residual))
+        return residual
+
+    out = gate(run, x, shortcut)
+    if residual_channels_last and residual_channels_last[-1] and not _channels_last(out):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 class StochasticCNBlock(_Converted, tv_convnext.CNBlock):
     """torchvision's ConvNeXt block: ``x + layer_scale * block(x)``, gated."""
 
@@ -146,7 +180,7 @@ class StochasticCNBlock(_Converted, tv_convnext.CNBlock):
         return self.layer_scale * self.block(x)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.stochastic_depth(self.branch, input, input)
+        return _gate_in_layout(self.stochastic_depth, self.branch, input, input)
 
 
 class StochasticSwinTransformerBlock(_Converted, tv_swin.SwinTransformerBlock):
@@ -198,7 +232,7 @@ class StochasticMBConv(_Converted, tv_efficientnet.MBConv):
     stochastic_depth: StochasticDepth
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.stochastic_depth(self.block, input, input)
+        return _gate_in_layout(self.stochastic_depth, self.block, input, input)
 
 
 class StochasticFusedMBConv(_Converted, tv_efficientnet.FusedMBConv):
@@ -208,7 +242,7 @@ class StochasticFusedMBConv(_Converted, tv_efficientnet.FusedMBConv):
     stochastic_depth: StochasticDepth
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.stochastic_depth(self.block, input, input)
+        return _gate_in_layout(self.stochastic_depth, self.block, input, input)
 
 
 class StochasticVisionTransformerBlock(_Converted, timm_vit.Block):
@@ -275,7 +309,7 @@ class StochasticConvNeXtBlock(_Converted, timm_convnext.ConvNeXtBlock):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop_path(self.branch, x, self.shortcut(x))
+        return _gate_in_layout(self.drop_path, self.branch, x, self.shortcut(x))
 
 
 def _activate(act: nn.Module, x: Tensor, out: Tensor) -> Tensor:
@@ -299,7 +333,7 @@ class StochasticTimmBasicBlock(_Converted, timm_resnet.BasicBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return _activate(self.act2, x, self.drop_path(self.branch, x, shortcut))
+        return _activate(self.act2, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
 
 
 class StochasticTimmBottleneck(_Converted, timm_resnet.Bottleneck):
@@ -317,7 +351,7 @@ class StochasticTimmBottleneck(_Converted, timm_resnet.Bottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return _activate(self.act3, x, self.drop_path(self.branch, x, shortcut))
+        return _activate(self.act3, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
 
 
 _CONVERTED: tuple[type[_Converted], ...] = (

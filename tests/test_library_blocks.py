@@ -23,7 +23,14 @@ from torchvision.models.efficientnet import EfficientNet, FusedMBConv, FusedMBCo
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
-from library_blocks import _BY_LIBRARY_CLASS, _CONVERTED, _flop_counter, gate_flop_floor, supported_blocks
+from library_blocks import (
+    _BY_LIBRARY_CLASS,
+    _CONVERTED,
+    _channels_last,
+    _flop_counter,
+    gate_flop_floor,
+    supported_blocks,
+)
 from resnet_with_stochastic_depth import (
     ResNet,
     add_stochastic_depth,
@@ -439,3 +446,34 @@ def test_flop_counter_counts_a_depthwise_convolutions_backward_as_twice_its_forw
     with _flop_counter() as counter:
         conv(x).sum().backward()
     assert counter.get_total_flops() == 3 * forward
+
+
+def _layouts(model, x):
+    """``{name: [channels_last, ...]}``: each convolution's input and each block's output, per call."""
+    seen, handles = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hook = lambda m, args, name=name: seen.setdefault(name, []).append(_channels_last(args[0]))
+            handles.append(m.register_forward_pre_hook(hook))
+        elif type(m) in _BY_LIBRARY_CLASS or type(m) in _CONVERTED:
+            hook = lambda m, args, out, name=name: seen.setdefault(name, []).append(_channels_last(out))
+            handles.append(m.register_forward_hook(hook))
+    model(x).sum().backward()
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["torchvision ConvNeXt", "timm ConvNeXt", "torchvision EfficientNet", "timm ResNet basic"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_row_subset_keeps_the_libraries_memory_layout(family, memory_format):
+    """The gate's gather and scatter-add return NCHW tensors; the blocks put each tensor back
+    in the layout the library gives it (ConvNeXt's blocks return channels_last tensors, and a
+    model moved to channels_last stays so), where depthwise convolutions run ~3x faster."""
+    unconverted = build(family).to(memory_format=memory_format).train()
+    model = add_stochastic_depth(copy.deepcopy(unconverted), "uniform", 0.5, seed=0)  # k = 4 of 8: all run
+    x = images().contiguous(memory_format=memory_format)
+    expected = _layouts(unconverted, x)
+    assert _layouts(model, x) == expected
+    channels_last = any(any(flags) for flags in expected.values())
+    assert channels_last == (memory_format == torch.channels_last or "ConvNeXt" in family)
