@@ -477,3 +477,22 @@ def test_row_subset_keeps_the_libraries_memory_layout(family, memory_format):
     assert _layouts(model, x) == expected
     channels_last = any(any(flags) for flags in expected.values())
     assert channels_last == (memory_format == torch.channels_last or "ConvNeXt" in family)
+
+
+@pytest.mark.parametrize("family", ["timm ViT", "timm ConvNeXt", "timm ResNet basic"])
+def test_timms_own_gradient_checkpointing_trains_alike(family):
+    # timm's set_grad_checkpointing recomputes blocks in backward: the recomputation must make
+    # the same draws, or the gradients belong to another network than the loss.
+    unconverted = build(family)
+    plain = add_stochastic_depth(copy.deepcopy(unconverted), seed=11).train()
+    checkpointed = add_stochastic_depth(copy.deepcopy(unconverted), seed=11).train()
+    checkpointed.set_grad_checkpointing(True)
+    x, y = images(), torch.arange(8) % 10
+    for _ in range(2):
+        loss, other = F.cross_entropy(plain(x), y), F.cross_entropy(checkpointed(x), y)
+        loss.backward()
+        other.backward()
+        assert torch.equal(loss, other)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.equal(a.grad, b.grad), name
