@@ -149,17 +149,26 @@ def _gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x
     channels_last tensors, from their last permutation; any model after
     ``.to(memory_format=torch.channels_last)``) would switch to NCHW without a word, and
     a depthwise convolution runs about 3 times slower in NCHW on the CPU (ConvNeXt-T,
-    torch 2.14). So the branch gets the kept samples in `x`'s layout, and the output
-    takes the layout of the branch's output, as the library's ``branch + shortcut``
-    does (the same values: layouts change no arithmetic of an addition).
+    torch 2.14). So for a channels_last input the gate works on ``(N, H, W, C)`` views,
+    in which channels_last tensors are plainly contiguous: its gather and scatter-add
+    then return tensors that are channels_last again once permuted back, without a copy
+    of their own. For an NCHW input whose branch returns channels_last (the first
+    ConvNeXt block after a downsampling layer), the output is made channels_last, as the
+    library's ``branch + shortcut`` is. Layouts change no value: the same floats.
     """
     if isinstance(x, torch.fx.Proxy):  # traced (eval mode): layouts are not known
         return gate(branch, x, shortcut)
-    restore = _channels_last(x)
+    if _channels_last(x):
+
+        def run_nhwc(t: Tensor) -> Tensor:
+            return branch(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+        return gate(run_nhwc, x.permute(0, 2, 3, 1), shortcut.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
     residual_channels_last: list[bool] = []
 
     def run(t: Tensor) -> Tensor:
-        residual = branch(t.contiguous(memory_format=torch.channels_last) if restore else t)
+        residual = branch(t)
         residual_channels_last.append(_channels_last(residual))
         return residual
 
