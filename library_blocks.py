@@ -46,7 +46,13 @@ Running a branch on the kept samples only: where the branch normalises per sampl
 on the batch), the kept samples get what masking gives them, up to the float rounding
 of matrix products on a different batch size. Where it uses BatchNorm (EfficientNet,
 timm ResNet), the statistics, and the running statistics, come from the kept samples
-only, as for the ResNets of ``resnet_with_stochastic_depth``.
+only, as for the ResNets of ``resnet_with_stochastic_depth``. Memory layout: the
+convolutional blocks give their outputs the layout the library's block gives them
+(ConvNeXt's are channels_last; a model moved to channels_last stays so), also in the
+row modes, whose gather and scatter would otherwise return NCHW tensors.
+
+:func:`gate_flop_floor` is ``training_flop_floor`` for any converted model: the expected
+fraction of a training step's FLOPs still computed.
 
 Not supported, with a ``TypeError`` from :func:`library_block_conversions` before
 anything is changed: any other module that holds a ``StochasticDepth`` or ``DropPath``
