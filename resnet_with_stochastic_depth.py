@@ -24,7 +24,8 @@ Public API
     The paper's linear-decay rule, the uniform rule or an explicit sequence.
 ``add_stochastic_depth``
     Turns a torchvision ResNet (or a ``ResNet`` from here) into a stochastic one,
-    keeping its weights.
+    keeping its weights; also torchvision's ConvNeXt, Swin and EfficientNet and timm's
+    ViT, ConvNeXt and ResNet, whose blocks ``library_blocks`` converts.
 ``compile_branches``
     Regional compilation: ``torch.compile`` the residual branches, gates left eager.
 ``linear_drop_warmup``

@@ -496,3 +496,15 @@ def test_timms_own_gradient_checkpointing_trains_alike(family):
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert (a.grad is None) == (b.grad is None), name
         assert a.grad is None or torch.equal(a.grad, b.grad), name
+
+
+def test_gates_start_in_the_mode_of_the_model_they_are_added_to():
+    # Gates used to start in training mode: a model converted after .eval() drew at test time.
+    import torchvision
+
+    resnet = add_stochastic_depth(torchvision.models.resnet18(num_classes=10).eval(), seed=0)
+    vit = add_stochastic_depth(build("timm ViT").eval(), seed=0)
+    assert not any(g.training for g in stochastic_depth_gates(resnet) + stochastic_depth_gates(vit))
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(resnet(x), resnet(x))  # no draws: the same output twice
