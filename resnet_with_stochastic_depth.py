@@ -27,7 +27,8 @@ Public API
     The paper's linear-decay rule, the uniform rule or an explicit sequence.
 ``add_stochastic_depth``
     Turns a torchvision ResNet (or a ``ResNet`` from here) into a stochastic one,
-    keeping its weights.
+    keeping its weights; also torchvision's ConvNeXt, Swin and EfficientNet and timm's
+    ViT, ConvNeXt and ResNet, whose blocks ``library_blocks`` converts.
 ``compile_branches``
     Regional compilation: ``torch.compile`` the residual branches, gates left eager.
 ``linear_drop_warmup``
@@ -1053,56 +1054,96 @@ def _as_residual_block(block: nn.Module) -> _ResidualBlock:
 
 def add_stochastic_depth(
     model: nn.Module,
-    survival_rule: SurvivalRule = "linear",
-    p_last: float = 0.5,
+    survival_rule: SurvivalRule | None = None,
+    p_last: float | None = None,
     *,
-    mode: DropMode = "batch",
-    inverted: bool = False,
+    mode: DropMode | None = None,
+    inverted: bool | None = None,
     seed: int | None = None,
 ) -> nn.Module:
-    """Give every residual block of a ResNet a stochastic-depth gate, in place.
+    """Give every residual block of a network a stochastic-depth gate, in place.
 
-    Works on torchvision's ResNets (``BasicBlock`` and ``Bottleneck``) and on this
-    module's. Weights, ``state_dict`` keys and the model's class stay as they were;
-    torchvision's blocks are swapped for equivalent ones of this module that hold the
-    very same submodules. Nothing else is added: no submodule, no hook, so containers
-    that call the model's layers (``IntermediateLayerGetter``, ``BackboneWithFPN``,
+    Works on torchvision's ResNets (``BasicBlock`` and ``Bottleneck``), on this
+    module's, and on the residual blocks of torchvision's ConvNeXt, Swin (V1, V2) and
+    EfficientNet (V1, V2) and timm's ViT, ConvNeXt and ResNet (see ``library_blocks``):
+    there the masking drop path (torchvision's ``StochasticDepth``, timm's ``DropPath``)
+    is replaced by gates, one per residual branch, and a dropped branch is not computed.
+    Weights, ``state_dict`` keys and the model's class stay as they were; blocks are
+    swapped for equivalent ones that hold the very same submodules. Nothing else is
+    added: no submodule, no hook, so containers that call the model's layers
+    (``IntermediateLayerGetter``, ``BackboneWithFPN``,
     ``nn.Sequential(*list(model.children())[:-2])``) see the same children and get drops,
     since each gate draws when its block runs. Calling it again on the same model
-    replaces the gates.
+    replaces the gates; each gate starts in its block's mode (train or eval).
 
     Parameters
     ----------
     model : torch.nn.Module
         The network; its residual blocks are numbered in ``model.modules()`` order.
-    survival_rule, p_last, mode, inverted, seed
+    survival_rule, p_last : optional
+        As for ``StochasticResNet``, over blocks (both gates of a transformer block
+        get the block's probability). When neither is given, a torchvision or timm
+        model keeps its own rates (each gate survives with ``1 - p`` of the drop-path
+        module it replaces) and a ResNet gets ``"linear"`` with ``p_last = 0.5``.
+    mode : {"batch", "row", "row_subset"}, optional
+        As for ``StochasticResNet``; by default ``"row_subset"`` for a torchvision or
+        timm model with drop paths (per sample, as the libraries drop), ``"batch"``
+        for a ResNet.
+    inverted : bool, optional
+        As for ``StochasticResNet``; by default True for the blocks with drop paths
+        (the libraries' convention: eval output unchanged), False for the ResNets.
+    seed
         As for ``StochasticResNet``.
 
     Returns
     -------
     torch.nn.Module
         ``model`` itself.
+
+    Raises
+    ------
+    TypeError
+        When the model has no block to convert, or holds a drop-path module in a block
+        that is not supported (before anything is changed).
     """
+    from library_blocks import BlockConversion, library_block_conversions  # (it imports this module)
+
     # Check everything before changing the model, so that a bad argument leaves it as it was.
-    _check_mode(mode)
+    if mode is not None:
+        _check_mode(mode)
     block_types = (_ResidualBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
-    parents = [
-        (parent, name, child)
+    conversions = [
+        BlockConversion(parent, name, _as_residual_block(child), ("stochastic_depth",), None)
         for parent in model.modules()
         for name, child in parent.named_children()
         if isinstance(child, block_types)
-    ]
-    if not parents:
+    ] + library_block_conversions(model)
+    if not conversions:
         raise TypeError(f"{type(model).__name__} has no residual blocks to add stochastic depth to")
-    blocks = [_as_residual_block(child) for _, _, child in parents]
-    probs = survival_probabilities(len(parents), survival_rule, p_last)
+    position = {module: i for i, module in enumerate(model.modules())}
+    conversions.sort(key=lambda c: position[c.parent._modules[c.name]])
+    own_rates = all(c.drop_probs is not None for c in conversions)
+    if own_rates and survival_rule is None and p_last is None:
+        probs = [[1.0 - q for q in c.drop_probs] for c in conversions]
+    else:
+        rule = "linear" if survival_rule is None else survival_rule
+        block_probs = survival_probabilities(len(conversions), rule, 0.5 if p_last is None else p_last)
+        probs = [[p] * len(c.gate_names) for c, p in zip(conversions, block_probs)]
+    if mode is None:
+        mode = "row_subset" if own_rates else "batch"
 
     seed_given = seed is not None
     seed = _check_seed(seed) if seed_given else int(torch.randint(2**62, ()).item())
-    for index, ((parent, name, _), block, p) in enumerate(zip(parents, blocks, probs)):
-        block.stochastic_depth = StochasticDepth(survival_prob=p, mode=mode, inverted=inverted, seed=seed, index=index)
-        block.stochastic_depth.seed_given = seed_given
-        setattr(parent, name, block)
+    index = 0  # the gates' numbers, in block order, which tell their draws apart
+    for c, gate_probs in zip(conversions, probs):
+        block_inverted = (c.drop_probs is not None) if inverted is None else inverted
+        for gate_name, p in zip(c.gate_names, gate_probs):
+            gate = StochasticDepth(survival_prob=p, mode=mode, inverted=block_inverted, seed=seed, index=index)
+            gate.seed_given = seed_given
+            gate.train(c.block.training)  # a model converted in eval mode stays in eval mode
+            setattr(c.block, gate_name, gate)
+            index += 1
+        setattr(c.parent, c.name, c.block)
     return model
 
 

@@ -1,0 +1,162 @@
+"""Time one training step of torchvision's and timm's networks: their masking drop path
+against the same model converted by ``add_stochastic_depth``, in each mode.
+
+Families: timm ViT-S/16, torchvision ConvNeXt-T and EfficientNet-B0, random weights, on
+one batch of random images (default 32 x 3x64x64) and labels: forward, cross-entropy,
+backward and an Adam step (``bench_training_step.time_steps``). For each family and drop
+rate (the library's ``drop_path_rate`` / ``stochastic_depth_prob``, spread over the
+blocks by the library) the variants run interleaved in one run, in a shuffled order each
+round; the table reports each median step as a ratio to the unconverted (masking) model,
+beside the FLOP floor of each mode (``library_blocks.gate_flop_floor``: the fraction of
+the unconverted step's forward and backward FLOPs that the converted model still
+computes on average). Where a branch's time does not follow its FLOPs (ConvNeXt's and
+EfficientNet's depthwise convolutions, LayerNorms and activations are bound by memory
+traffic, not arithmetic, and are all in the branches) the FLOP floor is not the bound;
+the table also gives a time floor: the step with every branch dropped, timed in the same
+run, as the fixed part, and the branches' measured share of the step scaled by the same
+FLOP-weighted fraction of branch work that still runs. One family at a time is held in
+memory.
+
+Usage::
+
+    python benchmarks/bench_library_blocks.py [--batch-size 32] [--image-size 64]
+        [--rates 0.4 0.1] [--rounds 7] [--clock process --threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_training_step import time_steps  # noqa: E402
+from library_blocks import gate_flop_floor  # noqa: E402
+from resnet_with_stochastic_depth import DROP_MODES, add_stochastic_depth  # noqa: E402
+
+MASKING = "unconverted (masking drop path)"
+FIXED = "converted, every branch dropped"
+
+
+def build(family: str, rate: float, image_size: int) -> torch.nn.Module:
+    """A family's network with drop rate `rate`, random weights, 10 classes."""
+    import timm
+    import torchvision
+
+    if family == "ViT-S/16":
+        return timm.create_model("vit_small_patch16_224", img_size=image_size, drop_path_rate=rate, num_classes=10)
+    if family == "ConvNeXt-T":
+        return torchvision.models.convnext_tiny(stochastic_depth_prob=rate, num_classes=10)
+    if family == "EfficientNet-B0":
+        return torchvision.models.efficientnet_b0(stochastic_depth_prob=rate, num_classes=10)
+    raise ValueError(f"unknown family {family!r}")
+
+
+FAMILIES = ("ViT-S/16", "ConvNeXt-T", "EfficientNet-B0")
+
+
+def run_family(family: str, rate: float, x: torch.Tensor, y: torch.Tensor, rounds: int, warmup: int, clock) -> dict:
+    torch.manual_seed(0)
+    unconverted = build(family, rate, x.shape[-1]).train()
+    variants = {MASKING: unconverted}
+    floors = {}
+    for mode in DROP_MODES:
+        converted = add_stochastic_depth(copy.deepcopy(unconverted), mode=mode, seed=0)
+        variants[f"converted, {mode}"] = converted
+        floors[mode] = gate_flop_floor(converted, x, y)
+    # What no gate can skip, timed: every branch dropped (the stem, downsampling, head, optimizer).
+    variants[FIXED] = add_stochastic_depth(copy.deepcopy(unconverted), "uniform", 0.0, mode="batch", seed=0)
+    times = time_steps(variants, x, y, x.device, rounds, warmup, clock)
+    masking = statistics.median(times[MASKING])
+    fixed_time = statistics.median(times[FIXED]) / masking
+    rows = []
+    for name, samples in times.items():
+        mode = name.removeprefix("converted, ") if name.removeprefix("converted, ") in DROP_MODES else None
+        ratio = statistics.median(samples) / masking
+        row = {"variant": name, "median_s": statistics.median(samples), "ratio_to_masking": ratio, "samples_s": samples}
+        if mode:
+            floor = floors[mode]
+            fixed_flops = floor["fixed_gflop"] / floor["total_gflop"]
+            # The FLOP-weighted fraction of the branches' work that still runs, applied to the
+            # branches' measured share of the step instead of their share of the FLOPs.
+            kept_work = (floor["floor"] - fixed_flops) / (1 - fixed_flops)
+            time_floor = fixed_time + (1 - fixed_time) * kept_work
+            row.update(flop_floor=floor["floor"], ratio_minus_flop_floor=ratio - floor["floor"],
+                       time_floor=time_floor, ratio_minus_time_floor=ratio - time_floor)
+        rows.append(row)
+    return {
+        "family": family,
+        "rate": rate,
+        "total_gflop": floors["batch"]["total_gflop"],
+        "fixed_gflop": floors["batch"]["fixed_gflop"],
+        "results": rows,
+    }
+
+
+def print_family(result: dict) -> None:
+    print(f"\n{result['family']}, drop rate {result['rate']:g}: step {result['total_gflop']:.1f} GFLOP "
+          f"(fixed {result['fixed_gflop']:.1f})")
+    print(f"  {'variant':34s} {'median ms':>10s} {'/ masking':>10s} {'FLOP floor':>11s} {'- floor':>8s} "
+          f"{'time floor':>11s} {'- floor':>8s}")
+    for row in result["results"]:
+        line = f"  {row['variant']:34s} {1e3 * row['median_s']:10.1f} {row['ratio_to_masking']:10.3f}"
+        if "flop_floor" in row:
+            line += (f" {row['flop_floor']:11.3f} {row['ratio_minus_flop_floor']:+8.3f}"
+                     f" {row['time_floor']:11.3f} {row['ratio_minus_time_floor']:+8.3f}")
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.4, 0.1])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "process"], default="process",
+                        help="process (default): CPU time of this process, for a CPU shared with other jobs")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "library_blocks-cpu.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    y = torch.randint(10, (args.batch_size,))
+    started = time.time()
+    results = []
+    for family in args.families:
+        for rate in args.rates:
+            results.append(run_family(family, rate, x, y, args.rounds, args.warmup, clock))
+            print_family(results[-1])
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "device": "cpu",
+        "device_name": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "image": [3, args.image_size, args.image_size],
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "clock": args.clock,
+        "wall_s": time.time() - started,
+        "families": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

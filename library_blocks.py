@@ -1,0 +1,605 @@
+"""Stochastic depth that skips the work, for torchvision's and timm's residual blocks.
+
+torchvision's ``StochasticDepth`` and timm's ``DropPath`` mask: a dropped branch is
+computed and then multiplied by zero. This module converts the residual blocks of the
+networks trained with stochastic depth today so that a :class:`StochasticDepth` gate
+(``resnet_with_stochastic_depth``) decides first and a dropped branch is not computed:
+in ``"batch"`` mode not at all, in the row modes only on the samples that keep it.
+:func:`resnet_with_stochastic_depth.add_stochastic_depth` calls
+:func:`library_block_conversions` to find them; use that function, not this module.
+
+Supported blocks (converted in place, keeping every submodule, parameter, buffer and
+``state_dict`` key; each drop-path module is replaced by one gate per residual branch):
+
+====================================  =========================  ======================
+block                                 gates (attribute names)    normalisation
+====================================  =========================  ======================
+torchvision ``CNBlock`` (ConvNeXt)    ``stochastic_depth``       LayerNorm
+torchvision ``SwinTransformerBlock``  ``stochastic_depth_attn``, LayerNorm
+and ``SwinTransformerBlockV2``        ``stochastic_depth_mlp``
+torchvision ``MBConv``,               ``stochastic_depth``       BatchNorm
+``FusedMBConv`` (EfficientNet, V2)
+timm ``vision_transformer.Block``     ``drop_path1``,            LayerNorm
+(ViT, DeiT, DINOv2-style; LayerScale)  ``drop_path2``
+timm ``convnext.ConvNeXtBlock``       ``drop_path``              LayerNorm
+timm ``resnet.BasicBlock``,           ``drop_path``              BatchNorm
+``resnet.Bottleneck``
+====================================  =========================  ======================
+
+torchvision's Swin blocks use one ``StochasticDepth`` module for both branches, but it
+draws anew at each call: each branch gets its own gate with its own draw, as timm's
+blocks have. An ``MBConv``/``FusedMBConv`` without a residual connection (a stride or
+a change of width) has no branch to drop and is left as it is: torchvision never
+applies its ``StochasticDepth`` there either.
+
+Rates and scaling: a gate's survival probability is ``1 - p`` of the drop-path module
+it replaces (``StochasticDepth.p``, ``DropPath.drop_prob``; 0 for the ``nn.Identity``
+or ``None`` timm puts where the rate is 0), so the rates the library spread over the
+blocks (``stochastic_depth_prob``, ``drop_path_rate``) are kept. Both libraries use the
+inverted convention (``1 / (1 - p)`` while training, nothing at test), which is what
+the gates get (``inverted=True``): in eval mode a converted block computes exactly what
+the unconverted one computes (same operations; ``shortcut + branch`` instead of
+``branch + shortcut``, the same floats).
+
+Running a branch on the kept samples only: where the branch normalises per sample
+(LayerNorm: ViT, ConvNeXt, Swin; Swin's window-attention mask depends on positions, not
+on the batch), the kept samples get what masking gives them, up to the float rounding
+of matrix products on a different batch size. Where it uses BatchNorm (EfficientNet,
+timm ResNet), the statistics, and the running statistics, come from the kept samples
+only, as for the ResNets of ``resnet_with_stochastic_depth``. Memory layout: the
+convolutional blocks give their outputs the layout the library's block gives them
+(ConvNeXt's are channels_last; a model moved to channels_last stays so), also in the
+row modes, whose gather and scatter would otherwise return NCHW tensors.
+
+:func:`gate_flop_floor` is ``training_flop_floor`` for any converted model: the expected
+fraction of a training step's FLOPs still computed.
+
+Not supported, with a ``TypeError`` from :func:`library_block_conversions` before
+anything is changed: any other module that holds a ``StochasticDepth`` or ``DropPath``
+(a custom block, timm's other families such as its Swin, EVA or EfficientNet), whose
+forward this module cannot know; timm's ``DropPath(scale_by_keep=False)``, which
+scales neither while training nor at test, a convention the gates do not have. At
+run time: a per-sample attention mask (``attn_mask`` with a batch dimension) in a timm
+ViT block trained in a row mode, where the gate would need the kept samples' rows of
+the mask (a ``ValueError``). torchvision's drop probability 1 (survival 0) leaves the
+branch out at test time, as the gates do for ``survival_prob == 0``, where torchvision
+keeps it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import ClassVar, NamedTuple
+
+import timm.models.convnext as timm_convnext
+import timm.models.resnet as timm_resnet
+import timm.models.vision_transformer as timm_vit
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import convnext as tv_convnext
+from torchvision.models import efficientnet as tv_efficientnet
+from torchvision.models import swin_transformer as tv_swin
+from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
+
+from resnet_with_stochastic_depth import StochasticDepth
+
+__all__ = [
+    "BlockConversion",
+    "StochasticCNBlock",
+    "StochasticConvNeXtBlock",
+    "StochasticFusedMBConv",
+    "StochasticMBConv",
+    "StochasticSwinTransformerBlock",
+    "StochasticSwinTransformerBlockV2",
+    "StochasticTimmBasicBlock",
+    "StochasticTimmBottleneck",
+    "StochasticVisionTransformerBlock",
+    "gate_flop_floor",
+    "library_block_conversions",
+    "supported_blocks",
+]
+
+
+class BlockConversion(NamedTuple):
+    """One residual block that ``add_stochastic_depth`` converts.
+
+    ``parent`` holds the block as its child ``name``; ``block`` is the converted block
+    to put there (the same object when it is converted already), holding the very
+    same submodules, with ``None`` in place of each gate named in ``gate_names`` (in
+    forward order) until the caller sets the gates. ``drop_probs``: the drop
+    probability of each gate's branch in the unconverted model, one per gate, or None
+    when the block has none of its own (the ResNets of ``resnet_with_stochastic_depth``
+    and torchvision's).
+    """
+
+    parent: nn.Module
+    name: str
+    block: nn.Module
+    gate_names: tuple[str, ...]
+    drop_probs: tuple[float, ...] | None
+
+
+# ----------------------------------------------------------------------------------
+# Converted blocks. Each subclasses the library's block (isinstance checks, methods
+# such as timm's zero_init_last keep working) and changes only forward; the gate
+# computes ``shortcut + branch(x)``, running the branch only where it is kept.
+# ----------------------------------------------------------------------------------
+
+
+class _Converted:
+    """What the converted classes share: the library class, its drop-path attributes, our gates."""
+
+    LIBRARY_CLASS: ClassVar[type[nn.Module]]
+    # The library block's drop-path attribute(s), and the gate that takes each branch's place.
+    DROP_PATHS: ClassVar[tuple[str, ...]]
+    GATES: ClassVar[tuple[str, ...]]
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether `t` is laid out channels_last, not (also) plainly contiguous: (N, C, H, W) with C fastest."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+    """``gate(branch, x, shortcut)`` for a convolutional block, in the memory layout the library's block gives.
+
+    In the row modes the gate gathers the kept samples (``index_select``) and adds their
+    residuals into a copy of the shortcut (``index_add``), both of which return plainly
+    contiguous (NCHW) tensors. A channels_last network (ConvNeXt's blocks return
+    channels_last tensors, from their last permutation; any model after
+    ``.to(memory_format=torch.channels_last)``) would switch to NCHW without a word, and
+    a depthwise convolution runs about 3 times slower in NCHW on the CPU (ConvNeXt-T,
+    torch 2.14). So for a channels_last input the gate works on ``(N, H, W, C)`` views,
+    in which channels_last tensors are plainly contiguous: its gather and scatter-add
+    then return tensors that are channels_last again once permuted back, without a copy
+    of their own. For an NCHW input whose branch returns channels_last (the first
+    ConvNeXt block after a downsampling layer), the output is made channels_last, as the
+    library's ``branch + shortcut`` is. Layouts change no value: the same floats.
+    """
+    if isinstance(x, torch.fx.Proxy):  # traced (eval mode): layouts are not known
+        return gate(branch, x, shortcut)
+    if _channels_last(x):
+
+        def run_nhwc(t: Tensor) -> Tensor:
+            return branch(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+        return gate(run_nhwc, x.permute(0, 2, 3, 1), shortcut.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    residual_channels_last: list[bool] = []
+
+    def run(t: Tensor) -> Tensor:
+        residual = branch(t)
+        residual_channels_last.append(_channels_last(residual))
+        return residual
+
+    out = gate(run, x, shortcut)
+    if residual_channels_last and residual_channels_last[-1] and not _channels_last(out):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+class StochasticCNBlock(_Converted, tv_convnext.CNBlock):
+    """torchvision's ConvNeXt block: ``x + layer_scale * block(x)``, gated."""
+
+    LIBRARY_CLASS, DROP_PATHS, GATES = tv_convnext.CNBlock, ("stochastic_depth",), ("stochastic_depth",)
+    stochastic_depth: StochasticDepth
+
+    def branch(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W) -> (N, C, H, W)``."""
+        return self.layer_scale * self.block(x)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _gate_in_layout(self.stochastic_depth, self.branch, input, input)
+
+
+class StochasticSwinTransformerBlock(_Converted, tv_swin.SwinTransformerBlock):
+    """torchvision's Swin block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``, each gated."""
+
+    LIBRARY_CLASS = tv_swin.SwinTransformerBlock
+    DROP_PATHS, GATES = ("stochastic_depth",), ("stochastic_depth_attn", "stochastic_depth_mlp")
+    stochastic_depth_attn: StochasticDepth
+    stochastic_depth_mlp: StochasticDepth
+
+    def attention_branch(self, x: Tensor) -> Tensor:
+        """``(N, H, W, C) -> (N, H, W, C)``: shifted-window attention of the normalised input."""
+        return self.attn(self.norm1(x))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        """``(N, H, W, C) -> (N, H, W, C)``."""
+        return self.mlp(self.norm2(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stochastic_depth_attn(self.attention_branch, x, x)
+        return self.stochastic_depth_mlp(self.mlp_branch, x, x)
+
+
+class StochasticSwinTransformerBlockV2(_Converted, tv_swin.SwinTransformerBlockV2):
+    """torchvision's Swin V2 block: the norms come after attention and MLP (res-post-norm)."""
+
+    LIBRARY_CLASS = tv_swin.SwinTransformerBlockV2
+    DROP_PATHS, GATES = ("stochastic_depth",), ("stochastic_depth_attn", "stochastic_depth_mlp")
+    stochastic_depth_attn: StochasticDepth
+    stochastic_depth_mlp: StochasticDepth
+
+    def attention_branch(self, x: Tensor) -> Tensor:
+        """``(N, H, W, C) -> (N, H, W, C)``."""
+        return self.norm1(self.attn(x))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        """``(N, H, W, C) -> (N, H, W, C)``."""
+        return self.norm2(self.mlp(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stochastic_depth_attn(self.attention_branch, x, x)
+        return self.stochastic_depth_mlp(self.mlp_branch, x, x)
+
+
+class StochasticMBConv(_Converted, tv_efficientnet.MBConv):
+    """torchvision's EfficientNet block with a residual connection: ``x + block(x)``, gated."""
+
+    LIBRARY_CLASS, DROP_PATHS, GATES = tv_efficientnet.MBConv, ("stochastic_depth",), ("stochastic_depth",)
+    stochastic_depth: StochasticDepth
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _gate_in_layout(self.stochastic_depth, self.block, input, input)
+
+
+class StochasticFusedMBConv(_Converted, tv_efficientnet.FusedMBConv):
+    """torchvision's EfficientNet V2 fused block with a residual connection, gated."""
+
+    LIBRARY_CLASS, DROP_PATHS, GATES = tv_efficientnet.FusedMBConv, ("stochastic_depth",), ("stochastic_depth",)
+    stochastic_depth: StochasticDepth
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _gate_in_layout(self.stochastic_depth, self.block, input, input)
+
+
+class StochasticVisionTransformerBlock(_Converted, timm_vit.Block):
+    """timm's ViT block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``, each gated.
+
+    ``x``: ``(N, tokens, C)``. ``attn_mask`` and ``is_causal`` go to the attention as in
+    timm. Raises ``ValueError`` for a mask with a batch dimension (4-D, first size > 1)
+    while training in a row mode: the branch then runs on the kept samples only, and
+    their rows of the mask are not known to it.
+    """
+
+    LIBRARY_CLASS, DROP_PATHS, GATES = timm_vit.Block, ("drop_path1", "drop_path2"), ("drop_path1", "drop_path2")
+    drop_path1: StochasticDepth
+    drop_path2: StochasticDepth
+
+    def attention_branch(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """``(N, tokens, C) -> (N, tokens, C)``."""
+        return self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        """``(N, tokens, C) -> (N, tokens, C)``."""
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is None and not is_causal:
+            attention: Callable[[Tensor], Tensor] = self.attention_branch
+        else:
+            if (
+                self.training
+                and self.drop_path1.mode != "batch"
+                and attn_mask is not None
+                and attn_mask.dim() == 4
+                and attn_mask.shape[0] > 1
+            ):
+                raise ValueError(
+                    f"a per-sample attention mask (shape {tuple(attn_mask.shape)}) cannot be used while "
+                    f"training with mode={self.drop_path1.mode!r}, where the attention runs on the kept "
+                    "samples only: pass a mask that broadcasts over the batch (first size 1), or convert "
+                    "the model with mode='batch'"
+                )
+
+            def attention(t: Tensor) -> Tensor:
+                return self.attention_branch(t, attn_mask, is_causal)
+
+        x = self.drop_path1(attention, x, x)
+        return self.drop_path2(self.mlp_branch, x, x)
+
+
+class StochasticConvNeXtBlock(_Converted, timm_convnext.ConvNeXtBlock):
+    """timm's ConvNeXt block: ``shortcut(x) + gamma * mlp(norm(conv_dw(x)))``, gated."""
+
+    LIBRARY_CLASS, DROP_PATHS, GATES = timm_convnext.ConvNeXtBlock, ("drop_path",), ("drop_path",)
+    drop_path: StochasticDepth
+
+    def branch(self, x: Tensor) -> Tensor:
+        """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+        x = self.conv_dw(x)
+        if self.use_conv_mlp:
+            x = self.mlp(self.norm(x))
+        else:
+            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        if self.gamma is not None:
+            x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _gate_in_layout(self.drop_path, self.branch, x, self.shortcut(x))
+
+
+def _activate(act: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    # A branch dropped for the whole batch hands back the shortcut itself; when that is x
+    # (an identity shortcut), the previous layer's output that autograd may still need,
+    # an in-place activation (timm's act(inplace=True)) must not overwrite it.
+    return act(out.clone() if out is x else out)
+
+
+class StochasticTimmBasicBlock(_Converted, timm_resnet.BasicBlock):
+    """timm's ResNet basic block: ``act2(shortcut + bn2(conv2(...)))``, the branch gated."""
+
+    LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.BasicBlock, ("drop_path",), ("drop_path",)
+    drop_path: StochasticDepth
+
+    def branch(self, x: Tensor) -> Tensor:
+        """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        return x if self.se is None else self.se(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return _activate(self.act2, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
+
+
+class StochasticTimmBottleneck(_Converted, timm_resnet.Bottleneck):
+    """timm's ResNet bottleneck block: ``act3(shortcut + bn3(conv3(...)))``, the branch gated."""
+
+    LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.Bottleneck, ("drop_path",), ("drop_path",)
+    drop_path: StochasticDepth
+
+    def branch(self, x: Tensor) -> Tensor:
+        """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        return x if self.se is None else self.se(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return _activate(self.act3, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
+
+
+_CONVERTED: tuple[type[_Converted], ...] = (
+    StochasticCNBlock,
+    StochasticSwinTransformerBlock,
+    StochasticSwinTransformerBlockV2,
+    StochasticMBConv,
+    StochasticFusedMBConv,
+    StochasticVisionTransformerBlock,
+    StochasticConvNeXtBlock,
+    StochasticTimmBasicBlock,
+    StochasticTimmBottleneck,
+)
+_BY_LIBRARY_CLASS: dict[type[nn.Module], type[_Converted]] = {kind.LIBRARY_CLASS: kind for kind in _CONVERTED}
+_DROP_PATH_TYPES = (TorchvisionStochasticDepth, DropPath)
+
+
+def supported_blocks() -> list[str]:
+    """The qualified names of the library blocks :func:`library_block_conversions` converts."""
+    return [f"{c.LIBRARY_CLASS.__module__}.{c.LIBRARY_CLASS.__qualname__}" for c in _CONVERTED]
+
+
+# ----------------------------------------------------------------------------------
+# Finding and converting blocks
+# ----------------------------------------------------------------------------------
+
+
+def _drop_prob(block: nn.Module, block_name: str, attribute: str) -> float:
+    """The drop probability of the module `block` holds as `attribute` (a drop path, a gate or nothing)."""
+    module = getattr(block, attribute, None)
+    if module is None or isinstance(module, nn.Identity):  # timm's choice for a rate of 0
+        return 0.0
+    if isinstance(module, StochasticDepth):  # converted already: keep its rate
+        return 1.0 - module.survival_prob
+    if isinstance(module, TorchvisionStochasticDepth):
+        return float(module.p)
+    if isinstance(module, DropPath):
+        if not module.scale_by_keep:
+            raise TypeError(
+                f"{block_name}.{attribute} is a DropPath with scale_by_keep=False, which scales the kept "
+                "branches neither while training nor at test time: the gates scale by 1 / (1 - p) while "
+                "training (or by 1 - p at test time), so the converted model would not compute what this one "
+                "does; build the model with scale_by_keep=True (timm's default)"
+            )
+        return float(module.drop_prob)
+    raise TypeError(
+        f"{block_name}.{attribute} is a {type(module).__name__}, not a drop-path module "
+        "(torchvision.ops.StochasticDepth, timm.layers.DropPath, nn.Identity or None)"
+    )
+
+
+def _converted(block: nn.Module, kind: type[_Converted]) -> nn.Module:
+    """A `kind` block holding the very same submodules, parameters and buffers as `block`.
+
+    `block` itself is left unchanged; the drop-path attributes of the new block are
+    removed and its gate attributes are None, in the drop paths' place among the children.
+    """
+    converted = kind.__new__(kind)
+    # Own copies of the dicts (parameters, buffers, hooks), holding the same objects, so that
+    # `block` is left as it was.
+    converted.__dict__.update({k: type(v)(v) if isinstance(v, dict) else v for k, v in block.__dict__.items()})
+    for old in kind.DROP_PATHS:
+        converted.__dict__.pop(old, None)  # timm's ResNet stores a rate-0 drop path as a plain None
+    # Each gate takes its drop path's place among the children (Swin: both gates take the
+    # place of the one module), so that named_children keeps its order.
+    takes_place_of = dict(zip(kind.DROP_PATHS, kind.GATES)) if len(kind.GATES) == len(kind.DROP_PATHS) else {kind.DROP_PATHS[0]: None}
+    modules: dict[str, nn.Module | None] = {}
+    for name, child in block._modules.items():
+        if name not in kind.DROP_PATHS:
+            modules[name] = child
+        elif name in takes_place_of:
+            gates = kind.GATES if takes_place_of[name] is None else (takes_place_of[name],)
+            modules.update(dict.fromkeys(gates))
+    modules.update({gate: None for gate in kind.GATES if gate not in modules})  # timm's ResNet: a plain None
+    converted.__dict__["_modules"] = modules
+    return converted
+
+
+def library_block_conversions(model: nn.Module) -> list[BlockConversion]:
+    """The torchvision and timm residual blocks of `model` that stochastic depth can skip.
+
+    Changes nothing: every check is made and every converted block is built first, so
+    that an error leaves the model as it was. Installing the conversions (and the
+    gates) is ``add_stochastic_depth``'s job.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any network; its blocks are listed in ``model.modules()`` order (forward order
+        for torchvision's and timm's networks).
+
+    Returns
+    -------
+    list of BlockConversion
+        One per supported block (see :func:`supported_blocks`); blocks converted
+        already are listed again, as themselves, with their gates' rates. Empty when
+        the model has none.
+
+    Raises
+    ------
+    TypeError
+        When a module that is not a supported block holds a drop-path module
+        (``torchvision.ops.StochasticDepth``, ``timm.layers.DropPath``), naming it and
+        the supported blocks; for a timm ``DropPath(scale_by_keep=False)``.
+    """
+    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
+    supported = (*_BY_LIBRARY_CLASS, *_CONVERTED)
+    for module, module_name in names.items():
+        if type(module) in supported:
+            continue
+        for child_name, child in module.named_children():
+            if isinstance(child, _DROP_PATH_TYPES):
+                raise TypeError(
+                    f"{module_name} ({type(module).__module__}.{type(module).__qualname__}) holds the drop-path "
+                    f"module {child_name!r} ({type(child).__name__}) but is not a block that add_stochastic_depth "
+                    f"can convert, so its branch would still be computed and masked. Supported blocks: "
+                    f"{', '.join(supported_blocks())}, and torchvision's ResNet BasicBlock and Bottleneck"
+                )
+
+    conversions = []
+    for parent in names:
+        for name, child in parent.named_children():
+            kind = _BY_LIBRARY_CLASS.get(type(child))
+            if kind is None and type(child) in _CONVERTED:
+                kind = type(child)
+            if kind is None:
+                continue
+            if isinstance(child, (tv_efficientnet.MBConv, tv_efficientnet.FusedMBConv)) and not child.use_res_connect:
+                continue  # no residual connection: nothing to skip (torchvision does not drop it either)
+            block_name = names[child]
+            if type(child) is kind:  # converted already
+                probs = tuple(_drop_prob(child, block_name, gate) for gate in kind.GATES)
+                conversions.append(BlockConversion(parent, name, child, kind.GATES, probs))
+                continue
+            probs = [_drop_prob(child, block_name, attribute) for attribute in kind.DROP_PATHS]
+            if len(kind.GATES) > len(probs):  # torchvision's Swin: one module for both branches
+                probs = probs * len(kind.GATES)
+            conversions.append(BlockConversion(parent, name, _converted(child, kind), kind.GATES, tuple(probs)))
+    return conversions
+
+
+# ----------------------------------------------------------------------------------
+# The work a converted model can skip
+# ----------------------------------------------------------------------------------
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape=None) -> int:
+    """FLOPs of a convolution's backward pass: per gradient asked for, as many as its forward.
+
+    torch 2.14's formula leaves out ``groups`` in the backward pass: it counts a
+    depthwise convolution's backward (ConvNeXt's, EfficientNet's) as ``channels`` times
+    too much (a 3x3 depthwise conv of 64 channels: 65 times its forward instead of 2;
+    pytorch/pytorch#183405 took up the groups in these formulas). The forward is
+    ``2 * (output elements) * (in_channels / groups) * kernel size``.
+    """
+    if transposed:  # not in these networks: torch's own formula
+        return flop_counter.conv_backward_flop(
+            grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups,
+            output_mask, out_shape,
+        )
+    forward = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def _flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` with grouped convolutions' backward counted right."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
+
+
+def gate_flop_floor(
+    model: nn.Module, images: Tensor, labels: Tensor, fractions: Sequence[float] | None = None
+) -> dict[str, float]:
+    """Expected fraction of a training step's FLOPs that a model with gates still computes.
+
+    ``training_flop_floor`` for any model converted by ``add_stochastic_depth`` (any of
+    the blocks above, or ResNets): counts the forward and backward FLOPs of one
+    cross-entropy training step with ``torch.utils.flop_counter`` on an eval-mode copy,
+    where every gate runs its branch, so that the total is the unconverted model's
+    (a masking drop path costs one multiplication per element, no FLOPs counted). A
+    gate's skippable work is what runs inside it (its branch, forward and backward);
+    the stem, shortcuts, downsampling layers, classifier, and the blocks without a gate
+    always run. The floor is ``(fixed + sum q_g work_g) / (fixed + sum work_g)``: the
+    step-time ratio that skipping can reach when time follows FLOPs. timm's fused
+    attention is counted through its unfused form (the same matrix products), which
+    ``FlopCounterMode`` sees on every device; a grouped convolution's backward pass is
+    counted as twice its forward (torch's formula leaves out the groups).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A converted model; it is copied, not changed.
+    images, labels : torch.Tensor
+        One batch, on the model's device.
+    fractions : sequence of float, optional
+        ``q_g`` of each gate in ``stochastic_depth_gates`` order: the expected fraction
+        of the batch its branch runs on. By default ``survival_prob`` in ``"batch"`` and
+        ``"row"`` mode and ``k / B`` (``k = round(B p)``, at least 1) in ``"row_subset"``.
+
+    Returns
+    -------
+    dict
+        ``total_gflop`` (a step with every branch), ``fixed_gflop`` (the work no gate
+        can skip) and ``floor`` (the expected fraction), GFLOP = 1e9 FLOPs.
+
+    Raises
+    ------
+    ValueError
+        Without gates, or with a number of fractions other than the number of gates.
+    """
+    from resnet_with_stochastic_depth import _subset_size, stochastic_depth_gates
+
+    twin = copy.deepcopy(model).eval()
+    for module in twin.modules():
+        if hasattr(module, "fused_attn"):  # timm: count q k^T and attn v as matrix products
+            module.fused_attn = False
+    names = {gate: name for name, gate in twin.named_modules() if isinstance(gate, StochasticDepth)}
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no stochastic-depth gates: convert it with add_stochastic_depth")
+    gates = list(names)
+    if fractions is None:
+        batch = images.shape[0]
+        fractions = [
+            _subset_size(batch, g.survival_prob) / batch if g.mode == "row_subset" else g.survival_prob for g in gates
+        ]
+    if len(fractions) != len(gates):
+        raise ValueError(f"expected {len(gates)} fractions, one per gate, got {len(fractions)}")
+    with _flop_counter() as counter:
+        F.cross_entropy(twin(images), labels).backward()
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    total = counter.get_total_flops()
+    root = type(twin).__name__
+    work = [counts.get(f"{root}.{names[g]}", 0) for g in gates]
+    fixed = total - sum(work)
+    expected = fixed + math.fsum(q * w for q, w in zip(fractions, work))
+    return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}
