@@ -88,6 +88,7 @@ from torchvision.models import swin_transformer as tv_swin
 from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
 from resnet_with_stochastic_depth import StochasticDepth
+from resnet_with_stochastic_depth import gate_in_layout as _gate_in_layout
 
 __all__ = [
     "BlockConversion",
@@ -139,49 +140,6 @@ class _Converted:
     # The library block's drop-path attribute(s), and the gate that takes each branch's place.
     DROP_PATHS: ClassVar[tuple[str, ...]]
     GATES: ClassVar[tuple[str, ...]]
-
-
-def _channels_last(t: Tensor) -> bool:
-    """Whether `t` is laid out channels_last, not (also) plainly contiguous: (N, C, H, W) with C fastest."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
-    """``gate(branch, x, shortcut)`` for a convolutional block, in the memory layout the library's block gives.
-
-    In the row modes the gate gathers the kept samples (``index_select``) and adds their
-    residuals into a copy of the shortcut (``index_add``), both of which return plainly
-    contiguous (NCHW) tensors. A channels_last network (ConvNeXt's blocks return
-    channels_last tensors, from their last permutation; any model after
-    ``.to(memory_format=torch.channels_last)``) would switch to NCHW without a word, and
-    a depthwise convolution runs about 3 times slower in NCHW on the CPU (ConvNeXt-T,
-    torch 2.14). So for a channels_last input the gate works on ``(N, H, W, C)`` views,
-    in which channels_last tensors are plainly contiguous: its gather and scatter-add
-    then return tensors that are channels_last again once permuted back, without a copy
-    of their own. For an NCHW input whose branch returns channels_last (the first
-    ConvNeXt block after a downsampling layer), the output is made channels_last, as the
-    library's ``branch + shortcut`` is. Layouts change no value: the same floats.
-    """
-    if isinstance(x, torch.fx.Proxy):  # traced (eval mode): layouts are not known
-        return gate(branch, x, shortcut)
-    if _channels_last(x):
-
-        def run_nhwc(t: Tensor) -> Tensor:
-            return branch(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-        return gate(run_nhwc, x.permute(0, 2, 3, 1), shortcut.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    residual_channels_last: list[bool] = []
-
-    def run(t: Tensor) -> Tensor:
-        residual = branch(t)
-        residual_channels_last.append(_channels_last(residual))
-        return residual
-
-    out = gate(run, x, shortcut)
-    if residual_channels_last and residual_channels_last[-1] and not _channels_last(out):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
 
 
 class StochasticCNBlock(_Converted, tv_convnext.CNBlock):

@@ -26,13 +26,13 @@ from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 from library_blocks import (
     _BY_LIBRARY_CLASS,
     _CONVERTED,
-    _channels_last,
     _flop_counter,
     gate_flop_floor,
     supported_blocks,
 )
 from resnet_with_stochastic_depth import (
     ResNet,
+    _channels_last,
     add_stochastic_depth,
     stochastic_depth_gates,
     survival_probabilities,
@@ -398,11 +398,14 @@ def test_vit_per_sample_attention_mask_in_a_row_mode_is_refused_a_broadcast_one_
         assert torch.equal(model(x, attn_mask=per_sample), unconverted(x, attn_mask=per_sample))
 
 
-def test_timm_resnet_batch_mode_dropped_block_leaves_its_input_to_autograd():
-    # A dropped block with an identity shortcut hands back its input; timm's in-place ReLU
-    # must not overwrite it (autograd needs the previous ReLU's output).
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_timm_resnet_batch_mode_dropped_block_leaves_its_input_to_autograd(memory_format):
+    # A dropped block with an identity shortcut hands back its input (in channels_last, not
+    # a permuted view of it); timm's in-place ReLU must not overwrite it (autograd needs the
+    # previous ReLU's output).
     model = add_stochastic_depth(build("timm ResNet basic"), "uniform", 0.0, mode="batch").train()
-    F.cross_entropy(model(images()), torch.arange(8) % 10).backward()
+    model.to(memory_format=memory_format)
+    F.cross_entropy(model(images().to(memory_format=memory_format)), torch.arange(8) % 10).backward()
     assert all(not bool(g.last_active) for g in stochastic_depth_gates(model))
     assert model.conv1.weight.grad is not None
 

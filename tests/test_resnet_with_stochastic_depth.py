@@ -17,6 +17,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from resnet_with_stochastic_depth import (
+    _channels_last,
     AvgPoolZeroPad,
     BasicBlock,
     Bottleneck,
@@ -613,6 +614,19 @@ def test_torch_compile_matches_eager_in_train_and_eval(mode, device, backend):
 
 
 # ---------------------------------------------------------------------------------- PyTorch's tools
+
+
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
+def test_a_channels_last_network_stays_channels_last_in_every_mode(mode):
+    # The row modes' gather and scatter-add would return NCHW tensors: every later convolution
+    # would then run in the slower layout, silently.
+    _, model = tiny_pair(mode=mode, p_last=0.5, seed=0)
+    model.to(memory_format=torch.channels_last)
+    layouts = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: layouts.append(_channels_last(out)))
+    F.cross_entropy(model(batch(8)[0].to(memory_format=torch.channels_last)), batch(8)[1]).backward()
+    assert layouts == [True] * 6
 
 
 def checkpointed(model, impl):
