@@ -43,8 +43,9 @@ How drops are drawn (the rule to check new code against)
 --------------------------------------------------------
 Each gate draws for itself when it is called in training mode; its decision is a fixed
 function of ``(seed, gate index, step, pass)`` (and the rank, in the row modes). Every
-training call that is not a recomputation is a new pass; a call made inside a backward
-pass is a recomputation by activation checkpointing and gets its pass's decision again.
+training call that is not a recomputation is a new pass, and draws one number from torch's
+global RNG as its tag; a call made inside a backward pass is a recomputation by activation
+checkpointing, which restores that RNG, so it draws the same tag and finds its pass's key.
 Processes agree because they share the seed and, with ``set_step``, the step: nothing
 is communicated.
 """
@@ -56,10 +57,10 @@ import copy
 import functools
 import hashlib
 import math
+import operator
 import struct
 import types
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Self
 
@@ -180,9 +181,10 @@ def survival_probabilities(
 # - A pass: every training call of a gate that is not a recomputation is the gate's next
 #   pass. `set_step` starts a step (passes numbered from 0 again).
 # - A recomputation is a call made while autograd runs a backward pass, which is where
-#   PyTorch's checkpointing, reentrant or not, runs the forward again. It takes the pass whose
-#   input it got (checkpointing one block), else the gate's latest pass (a longer region),
-#   and raises rather than guess when a longer region ran several passes before a backward.
+#   PyTorch's checkpointing, reentrant or not, runs a forward again after restoring torch's
+#   global RNG state. Each pass draws one number from that state, its tag, and files its key
+#   under it; a recomputation draws the same number again and so finds its pass's key (its
+#   step included), however many passes, backwards or steps came in between.
 # - Processes: with `set_step`, batch mode's key holds only the seed, the gate and the step,
 #   so processes at the same step drop the same blocks whatever passes they ran before. The
 #   row modes' key holds the rank: each process draws its own samples.
@@ -274,22 +276,6 @@ def _process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _may_be_recomputed() -> bool:
-    """Whether a pass now could be run again by activation checkpointing in a backward pass:
-    reentrant checkpointing runs its first forward without gradients, non-reentrant
-    checkpointing runs it under saved-tensor hooks. (The two private calls of this module,
-    this one and ``_current_graph_task_id``, are what torch.utils.checkpoint itself uses.)"""
-    return not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-
-
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    """`a` is `b` or a detached alias of it (what reentrant checkpointing hands a block)."""
-    return a is b or (
-        a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
-        and a.stride() == b.stride() and a._version == b._version
-    )
-
-
 def _stochastic_depth_cannot_train_traced(shortcut: Tensor) -> Tensor:
     raise RuntimeError(
         "this model was traced by torch.fx in training mode, where a trace would freeze one draw "
@@ -305,8 +291,15 @@ def _stochastic_depth_cannot_train_traced(shortcut: Tensor) -> Tensor:
 torch.fx.wrap("_stochastic_depth_cannot_train_traced")
 
 # How many of a gate's latest passes it remembers for recomputations: more than the forward
-# passes anyone runs before one backward (two views, a few crops).
-_REMEMBERED_PASSES = 16
+# passes anyone runs before one backward (two views, a dozen crops).
+_REMEMBERED_PASSES = 64
+
+
+def _pass_tag() -> int:
+    """One draw from torch's global CPU generator, which activation checkpointing saves before
+    a region's forward and restores before recomputing it: a recomputed call draws the tag its
+    original call drew, and a new pass draws a new one (as dropout draws from that generator)."""
+    return int(torch.randint(2**62, (), dtype=torch.int64))
 
 
 class StochasticDepth(nn.Module):
@@ -406,21 +399,8 @@ class StochasticDepth(nn.Module):
         self._drop_scale = _check_probability(value, "drop_scale")
 
     def _forget_passes(self) -> None:
-        # [pass, weak reference to its input, recomputed yet] of the latest passes.
-        self._recent: collections.deque[list] = collections.deque(maxlen=_REMEMBERED_PASSES)
-        # Passes that may be recomputed, since the backward that last recomputed this gate.
-        self._recomputable = 0
-        self._backward_id, self._ambiguous = -1, False
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Weak references cannot be pickled; a copy has no passes of its own to recompute.
-        state = self.__dict__.copy()
-        del state["_recent"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._forget_passes()
+        # The keys of the latest passes by their tags (see _pass_tag), for recomputations.
+        self._recent: collections.OrderedDict[int, tuple[int, tuple[int, ...] | None]] = collections.OrderedDict()
 
     def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
         p = self.survival_prob
@@ -432,9 +412,16 @@ class StochasticDepth(nn.Module):
             return shortcut.add(branch(x), alpha=1.0 if self.inverted else p)
         if isinstance(x, torch.fx.Proxy):
             return _stochastic_depth_cannot_train_traced(shortcut)
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise RuntimeError(
+                "a model with stochastic depth is traced (torch.jit.trace) or exported (torch.export) in "
+                "training mode, where the graph would freeze one draw of which residual blocks run. Trace "
+                "or export it in eval mode (model.eval()), where every block runs; train the original model."
+            )
 
         decision = self._decide(x)
-        self.last_active = decision.active
+        if torch._C._current_graph_task_id() == -1:  # (a recomputation does not change what the last pass was)
+            self.last_active = decision.active
         if self.mode == "batch":
             if not decision.active:
                 return shortcut
@@ -460,56 +447,32 @@ class StochasticDepth(nn.Module):
     @torch.compiler.disable  # host-side bookkeeping and draws: eager, also under torch.compile
     def _decide(self, x: Tensor) -> Decision:
         """The decision of a new pass, or of the pass that this call recomputes."""
-        # In batch mode with a step, every pass of the step drops the same blocks (on every
-        # process): the pass's number is left out of the key, and no recomputation is ambiguous.
-        by_step = self.mode == "batch" and self.step is not None
+        tag = _pass_tag()
         if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recomputation
-            pass_index = -1 if by_step else self._recomputed_pass(x)
+            if tag not in self._recent:
+                raise RuntimeError(
+                    "a StochasticDepth gate runs inside a backward pass, but not as the recomputation of one "
+                    "of its last training passes: activation checkpointing must restore torch's RNG state "
+                    "(preserve_rng_state=True, the default) for a recomputed gate to find its pass"
+                )
+            pass_index, step = self._recent[tag]
         else:
-            pass_index, self.passes = self.passes, self.passes + 1
-            self._recent.append([pass_index, weakref.ref(x), False])
-            self._recomputable += _may_be_recomputed()
-            if by_step:
-                pass_index = -1
-        step = self.step if self.step is not None else ()
+            pass_index, step, self.passes = self.passes, self.step, self.passes + 1
+            self._recent[tag] = (pass_index, step)
+            if len(self._recent) > _REMEMBERED_PASSES:
+                self._recent.popitem(last=False)
         if self.mode == "batch":
-            if not (by_step and self.seed_given) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if step is not None:
+                pass_index = -1  # every pass of a step drops the same blocks, on every process
+            if not (step is not None and self.seed_given) and dist.is_available() and dist.is_initialized() \
+                    and dist.get_world_size() > 1:
                 warnings.warn(_UNSTEPPED_DDP_WARNING, stacklevel=4)
-            key = (self.seed, self.index, pass_index, *step)
+            key = (self.seed, self.index, pass_index)
         else:
-            key = (self.seed, self.index, pass_index, _process_rank(), *step)
+            key = (self.seed, self.index, pass_index, _process_rank())
+        step = () if step is None else step
         p = _warmed_up(self.survival_prob, self._drop_scale)
-        return draw_decision(self.mode, p, x.shape[0], key_seed(len(step), *key))
-
-    def _recomputed_pass(self, x: Tensor) -> int:
-        task = torch._C._current_graph_task_id()
-        if task != self._backward_id:  # this gate's first recomputation in this backward pass
-            self._backward_id, self._ambiguous = task, self._recomputable > 1
-            self._recomputable = 0
-        # Checkpointing one block hands it the input of the pass it recomputes, once per backward.
-        matches = [entry for entry in self._recent if not entry[2] and (original := entry[1]()) is not None
-                   and _same_tensor(original, x)]
-        if len(matches) > 1:
-            raise RuntimeError(
-                f"activation checkpointing recomputes a StochasticDepth gate that ran {len(matches)} training "
-                "passes on the very same input before this backward (e.g. two passes of one batch, as in "
-                "R-Drop): which pass is recomputed cannot be told, and guessing could give wrong gradients. "
-                "Call backward after each pass, or do not checkpoint this block."
-            )
-        if matches:
-            matches[0][2] = True
-            return matches[0][0]
-        if not self._recent:
-            raise RuntimeError("a StochasticDepth gate is recomputed in a backward pass, but it ran no training pass")
-        if self._ambiguous:
-            raise RuntimeError(
-                "activation checkpointing recomputes a StochasticDepth gate inside a checkpointed region of "
-                "several blocks, after several training passes of it (e.g. two views) before this backward: "
-                "which pass is recomputed cannot be told, and guessing could give wrong gradients. Checkpoint "
-                "each residual block on its own (apply_activation_checkpointing with a check_fn that picks "
-                "the blocks), whose recomputations the gate recognises, or call backward after each pass."
-            )
-        return self._recent[-1][0]
+        return draw_decision(self.mode, p, x.shape[0], key_seed(len(step), *key, *step))
 
     def _train_scale(self, survival_prob: float, inclusion: float) -> float:
         """The factor of a kept residual while training, so that its expectation is ``p * residual``.
@@ -581,10 +544,25 @@ _UNSTEPPED_DDP_WARNING = (
 )
 
 
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**62:
-        raise ValueError(f"seed must be an integer in [0, 2**62], got {seed!r}")
-    return seed
+def _check_int(value: Any, name: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high] (any integer type: int, numpy's, a 0-d integer tensor)."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return number
+
+
+def _check_seed(seed: Any) -> int:
+    return _check_int(seed, "seed", 0, 2**62)
+
+
+def _check_step(step: Sequence[Any]) -> tuple[int, ...]:
+    if not step:
+        raise ValueError("step must be one or more integers, got none")
+    return tuple(_check_int(s, "each step value", -(2**63), 2**63 - 1) for s in step)
 
 
 def set_step(model: nn.Module, *step: int) -> None:
@@ -595,8 +573,11 @@ def set_step(model: nn.Module, *step: int) -> None:
     blocks, and every process at that step drops the same blocks as the others, whatever
     passes each ran before: what DDP needs, also after uneven inputs under ``join()``. In the
     row modes the passes of a step are numbered from 0 and each process draws its own
-    samples. Call it on every process before each step, with a step that names the same
-    batch on all of them (``set_step(model, epoch, batch_index)``).
+    samples. Call it on every process before each optimizer step, with a step that names
+    the same batch on all of them (``set_step(model, epoch, batch_index)``); called once
+    per epoch instead, every batch of the epoch would drop the same blocks. With gradient
+    accumulation the micro-batches of one step share the step's sub-network, as one
+    mini-batch does in the paper; add the micro-batch's index to the step to draw for each.
 
     Parameters
     ----------
@@ -610,13 +591,12 @@ def set_step(model: nn.Module, *step: int) -> None:
     ValueError
         For no step, or a value that is not an integer; TypeError for a model without gates.
     """
-    if not step or any(isinstance(s, bool) or not isinstance(s, int) for s in step):
-        raise ValueError(f"step must be one or more integers, got {step!r}")
+    step = _check_step(step)
     gates = stochastic_depth_gates(model)
     if not gates:
         raise TypeError(f"{type(model).__name__} has no StochasticDepth gates")
     for gate in gates:
-        gate.step, gate.passes = tuple(step), 0
+        gate.step, gate.passes = step, 0
 
 
 class StochasticDepthState:
@@ -624,7 +604,7 @@ class StochasticDepthState:
 
     A view of the gates (:func:`stochastic_depth_state` makes one), not a module: the
     model's structure and ``state_dict`` stay as they were. :meth:`get_state` and
-    :meth:`set_state` save and restore the seed, the step, each gate's pass count and
+    :meth:`set_state` save and restore each gate's seed, step, pass count and
     ``drop_scale``: all a resumed run needs to draw what the run would have drawn.
 
     Parameters
@@ -647,31 +627,43 @@ class StochasticDepthState:
         for gate in self.gates:
             gate.drop_scale = value
 
-    @property
-    def seed(self) -> int:
-        return self.gates[0].seed
-
     def get_state(self) -> dict[str, Any]:
-        """``{"seed", "step", "passes", "drop_scale"}``: all the gates need to continue exactly."""
-        return {
-            "seed": self.seed,
-            "step": self.gates[0].step,
-            "passes": [gate.passes for gate in self.gates],
-            "drop_scale": self.drop_scale,
-        }
+        """Each gate's ``seed``, ``seed_given``, ``step``, ``passes`` and ``drop_scale``, as lists
+        in gate order: all the gates need to continue exactly (also where several sub-networks
+        were converted with seeds of their own)."""
+        return {name: [getattr(gate, name) for gate in self.gates] for name in _GATE_STATE}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`get_state` returned, for a model with as many gates."""
-        if "passes" not in state:
+        """Restore what :meth:`get_state` returned, for a model with as many gates.
+
+        Raises
+        ------
+        ValueError
+            For a state of another number of gates, a bad value (named), or a state saved by
+            the earlier design, which held a random generator's state; the gates are left
+            as they were.
+        """
+        if set(state) != set(_GATE_STATE):
             raise ValueError(
-                "this stochastic-depth state holds a random generator's state: it was saved by an earlier "
-                "version, whose gates drew from one generator, and cannot continue these gates' draws"
+                f"a stochastic-depth state holds {sorted(_GATE_STATE)}, this one {sorted(state)}: it was saved "
+                "by another version (the earlier design held a random generator's state) and cannot continue "
+                "these gates' draws"
             )
-        if len(state["passes"]) != len(self.gates):
+        if any(len(state[name]) != len(self.gates) for name in _GATE_STATE):
             raise ValueError(f"the state is of {len(state['passes'])} gates, this model has {len(self.gates)}")
-        self.drop_scale = state["drop_scale"]
-        for gate, passes in zip(self.gates, state["passes"]):
-            gate.seed, gate.step, gate.passes = state["seed"], state["step"], passes
+        values = list(zip(
+            [_check_seed(seed) for seed in state["seed"]],
+            [bool(given) for given in state["seed_given"]],
+            [None if step is None else _check_step(step) for step in state["step"]],
+            [_check_int(passes, "passes", 0, 2**63 - 1) for passes in state["passes"]],
+            [_check_probability(scale, "drop_scale") for scale in state["drop_scale"]],
+        ))
+        for gate, gate_values in zip(self.gates, values):
+            for name, value in zip(_GATE_STATE, gate_values):
+                setattr(gate, name, value)
+
+
+_GATE_STATE = ("seed", "seed_given", "step", "passes", "drop_scale")
 
 
 def linear_drop_warmup(step: int, warmup_steps: int) -> float:
@@ -1140,7 +1132,9 @@ def add_stochastic_depth(
         As for ``StochasticResNet``; by default True for the blocks with drop paths
         (the libraries' convention: eval output unchanged), False for the ResNets.
     seed
-        As for ``StochasticResNet``.
+        As for ``StochasticResNet``. Give sub-networks of one model converted by separate
+        calls different seeds (or None): gates are numbered from 0 in each call, so two
+        conversions with one seed would drop alike.
 
     Returns
     -------

@@ -25,6 +25,7 @@ from resnet_with_stochastic_depth import (
     compile_branches,
     set_step,
     stochastic_depth_gates,
+    stochastic_depth_state,
 )
 
 
@@ -167,25 +168,79 @@ def test_two_views_then_one_backward_with_per_block_checkpointing_are_exact(mode
         assert_same_gradients(model, twin)
 
 
+def through_stem_and_blocks(model, x, checkpoint_blocks, reentrant=False):
+    """`model`'s forward, with each block checkpointed when `checkpoint_blocks`."""
+    h = model.relu(model.bn1(model.conv1(x)))
+    for block in model.blocks:
+        h = checkpoint(block, h, use_reentrant=reentrant) if checkpoint_blocks else block(h)
+    return model.fc(torch.flatten(model.avgpool(h), 1))
+
+
+def two_views_one_region(model, x1, x2, y, checkpointed, reentrant):
+    run = (lambda x: checkpoint(model, x, use_reentrant=reentrant)) if checkpointed else model
+    (F.cross_entropy(run(x1), y) + F.cross_entropy(run(x2), y)).backward()
+
+
+def two_views_backward_twice(model, x1, x2, y, checkpointed, reentrant):
+    loss = F.cross_entropy(through_stem_and_blocks(model, x1, checkpointed, reentrant), y)
+    loss = loss + F.cross_entropy(through_stem_and_blocks(model, x2, checkpointed, reentrant), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def a_step_set_between_the_views(model, x1, x2, y, checkpointed, reentrant):
+    set_step(model, 0)
+    loss = F.cross_entropy(through_stem_and_blocks(model, x1, checkpointed, reentrant), y)
+    set_step(model, 1)
+    (loss + F.cross_entropy(through_stem_and_blocks(model, x2, checkpointed, reentrant), y)).backward()
+
+
+def a_region_then_a_plain_pass(model, x1, x2, y, checkpointed, reentrant):
+    loss = F.cross_entropy(checkpoint(model, x1, use_reentrant=reentrant) if checkpointed else model(x1), y)
+    (loss + F.cross_entropy(model(x2), y)).backward()
+
+
+def a_pass_without_gradients_then_a_region(model, x1, x2, y, checkpointed, reentrant):
+    with torch.no_grad():  # e.g. torch.optim.swa_utils.update_bn, in training mode
+        model(x2)
+    F.cross_entropy(checkpoint(model, x1, use_reentrant=reentrant) if checkpointed else model(x1), y).backward()
+
+
+def the_very_same_tensor_twice_through_one_block(model, x1, x2, y, checkpointed, reentrant):
+    block = model.layer3[1]  # as in R-Drop: a block run twice on one tensor
+    h = torch.randn(8, 64, 2, 2, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    run = (lambda t: checkpoint(block, t, use_reentrant=reentrant)) if checkpointed else block
+    (run(h).square().sum() + run(h).sum()).backward()
+
+
+@pytest.mark.parametrize("situation", [
+    two_views_one_region, two_views_backward_twice, a_step_set_between_the_views, a_region_then_a_plain_pass,
+    a_pass_without_gradients_then_a_region, the_very_same_tensor_twice_through_one_block,
+], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_two_views_through_one_checkpointed_region_raise_before_any_gradient(reentrant):
-    model = StochasticResNet.cifar(14, mode="row", p_last=0.3, seed=4)
+@pytest.mark.parametrize("mode", ["batch", "row", "row_subset"])
+def test_recomputations_find_their_pass_whatever_ran_in_between(situation, reentrant, mode):
+    torch.manual_seed(0)
+    model = StochasticResNet.cifar(14, mode=mode, p_last=0.3, seed=4)
+    twin = copy.deepcopy(model)
     (x1, y), (x2, _) = images(8, size=8, seed=1), images(8, size=8, seed=2)
     x1.requires_grad_(reentrant), x2.requires_grad_(reentrant)
-    loss = F.cross_entropy(checkpoint(model, x1, use_reentrant=reentrant), y)
-    loss = loss + F.cross_entropy(checkpoint(model, x2, use_reentrant=reentrant), y)
-    with pytest.raises(RuntimeError, match="several training passes.*Checkpoint each residual block on its own"):
+    for _ in range(2):
+        model.zero_grad(set_to_none=True), twin.zero_grad(set_to_none=True)
+        situation(model, x1, x2, y, checkpointed=False, reentrant=reentrant)
+        situation(twin, x1, x2, y, checkpointed=True, reentrant=reentrant)
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            assert (a.grad is None) == (b.grad is None), name
+            # (reentrant checkpointing sums two backwards' gradients in another order: rounding only)
+            assert a.grad is None or torch.allclose(a.grad, b.grad, rtol=0, atol=1e-6), name
+
+
+def test_a_recomputation_without_the_rng_state_restored_says_so():
+    model = StochasticResNet.cifar(14, mode="row", seed=4)
+    x, y = images(8, size=8)
+    loss = F.cross_entropy(checkpoint(model, x, use_reentrant=False, preserve_rng_state=False), y)
+    with pytest.raises(RuntimeError, match="preserve_rng_state=True"):
         loss.backward()
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_two_passes_of_the_very_same_tensor_through_a_checkpointed_block_raise():
-    # As in R-Drop, a block run twice on one tensor: its input cannot tell the passes apart.
-    block = StochasticResNet.cifar(14, mode="row", p_last=0.3, seed=4).layer3[1]
-    x = torch.randn(8, 64, 2, 2, requires_grad=True)
-    out = checkpoint(block, x, use_reentrant=False).sum() + checkpoint(block, x, use_reentrant=False).sum()
-    with pytest.raises(RuntimeError, match="2 training passes on the very same input"):
-        out.backward()
 
 
 def test_two_views_in_batch_mode_with_a_step_share_one_subnetwork_also_through_a_region():
@@ -257,3 +312,65 @@ def test_torchscript_says_to_export_instead():
     with pytest.raises(TypeError, match=r"cannot be compiled by TorchScript.*torch\.export\.export"):
         torch.jit.script(model)
     torch.jit.script(torchvision.models.resnet18(num_classes=10).eval())  # the unconverted one scripts
+
+
+# ---------------------------------------------------------------------------------- resuming, tracing, bad values
+
+
+def test_the_state_of_several_converted_subnetworks_resumes_each_exactly():
+    def two_backbones():
+        torch.manual_seed(0)
+        net = torch.nn.ModuleDict({"a": torchvision.models.resnet18(num_classes=10),
+                                   "b": torchvision.models.resnet18(num_classes=10)})
+        add_stochastic_depth(net["a"], p_last=0.5)  # each conversion draws a seed of its own
+        add_stochastic_depth(net["b"], p_last=0.5)
+        return net
+
+    net, resumed = two_backbones(), two_backbones()
+    x, _ = images(2)
+    with torch.no_grad():
+        for _ in range(3):
+            net["a"](x), net["b"](x)
+    resumed.load_state_dict(net.state_dict())
+    stochastic_depth_state(resumed).set_state(stochastic_depth_state(net).get_state())
+    for _ in range(10):
+        with torch.no_grad():
+            for name in ("a", "b"):
+                net[name](x), resumed[name](x)
+                assert [bool(g.last_active) for g in stochastic_depth_gates(net[name])] == \
+                    [bool(g.last_active) for g in stochastic_depth_gates(resumed[name])]
+
+
+def test_a_state_with_a_bad_value_is_refused_and_changes_nothing():
+    model = StochasticResNet.cifar(14, seed=1)
+    state = stochastic_depth_state(model)
+    before = state.get_state()
+    for name, bad, message in [("step", ["abc"] * 6, "step"), ("seed", [2**64] * 6, "seed"),
+                               ("passes", [-1] * 6, "passes"), ("drop_scale", [2.0] * 6, "drop_scale")]:
+        with pytest.raises(ValueError, match=message):
+            state.set_state({**before, name: bad})
+        assert state.get_state() == before
+    with pytest.raises(ValueError, match="another version"):
+        state.set_state({"generator": torch.ByteTensor(8), "drop_scale": 1.0})
+
+
+def test_set_step_takes_integers_of_any_kind_and_refuses_the_rest():
+    import numpy as np
+
+    model = StochasticResNet.cifar(14, seed=1)
+    set_step(model, np.int64(3), 4)
+    assert all(gate.step == (3, 4) for gate in stochastic_depth_gates(model))
+    for bad in [(2**63,), (1.5,), ("1",), (True,), ()]:
+        with pytest.raises(ValueError, match="step"):
+            set_step(model, *bad)
+
+
+@pytest.mark.parametrize("trace", ["jit.trace", "export"])
+def test_tracing_or_exporting_in_training_mode_refuses_instead_of_freezing_a_draw(trace):
+    model = StochasticResNet.cifar(14, seed=1).train()
+    x, _ = images(2, size=8)
+    with pytest.raises(Exception, match="in training mode, where the graph would freeze one draw"):
+        if trace == "jit.trace":
+            torch.jit.trace(model, x)
+        else:
+            torch.export.export(model, (x,))
