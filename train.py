@@ -58,11 +58,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPE_OPTIONS = (
     "dataset", "val_size", "train_subset", "depth", "shortcut", "p_last", "plain", "survival_rule", "epochs", "batch_size",
     "lr", "momentum", "weight_decay", "nesterov", "lr_milestones", "dropped_update", "augmentation", "seed",
-    "image_size", "warmup_steps", "warmup_lr", "schedule_unit", "eval_every",
+    "image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every",
 )  # fmt: skip
 # What a checkpoint written before an option existed was trained with.
 # (--warmup-lr: --lr / 10, filled in by load_checkpoint.)
-_OPTION_DEFAULTS = {"image_size": None, "warmup_steps": 0, "schedule_unit": "epoch", "eval_every": 1}
+_OPTION_DEFAULTS = {"image_size": None, "warmup_steps": 0, "warmup_shape": "constant", "schedule_unit": "epoch",
+                    "eval_every": 1}
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "epoch_time_s", "eval_time_s", "mean_active_blocks",
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="train the first N optimizer steps at --warmup-lr (He et al. warm ResNet-110 up at "
                        "lr 0.01 for about 400 iterations); the schedule then goes on as without it")
     optim.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (default: --lr / 10)")
+    optim.add_argument("--warmup-shape", choices=["constant", "linear"], default="constant",
+                       help="'constant': every warm-up step at --warmup-lr (He et al.); 'linear': from --warmup-lr "
+                       "at the first step towards the scheduled lr, reached at step --warmup-steps (Goyal et al., 2017)")
     optim.add_argument(
         "--dropped-update",
         choices=["decay", "skip"],
@@ -251,21 +255,26 @@ def make_optimizer(
 
 
 class warmup_lr:
-    """Context manager: the optimizer steps taken inside it use `lr` if `active`, the schedule's lr otherwise.
+    """Context manager: the optimizer steps taken inside it use the warm-up lr at `step`, if `step < steps`.
 
-    The scheduled lr is put back on exit, so the scheduler (and the checkpoint) never see the
-    warm-up: after it, training goes on exactly as the schedule says.
+    ``"constant"``: `lr` throughout the warm-up; ``"linear"``: ``lr + (scheduled - lr) * step / steps``
+    at 0-based optimizer step `step`. The scheduled lr is put back on exit, so the scheduler (and
+    the checkpoint) never see the warm-up: after it, training goes on exactly as the schedule says.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, active: bool) -> None:
-        self.optimizer, self.lr, self.active = optimizer, lr, active
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, step: int, steps: int, shape: str = "constant") -> None:
+        if shape not in ("constant", "linear"):
+            raise ValueError(f"unknown warm-up shape {shape!r}: expected 'constant' or 'linear'")
+        self.optimizer, self.lr, self.step, self.steps, self.shape = optimizer, lr, step, steps, shape
+        self.active = step < steps
         self.scheduled: list[float] = []
 
     def __enter__(self) -> None:
         if self.active:
             self.scheduled = [group["lr"] for group in self.optimizer.param_groups]
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
+                fraction = 0.0 if self.shape == "constant" else self.step / self.steps
+                group["lr"] = self.lr + (group["lr"] - self.lr) * fraction
 
     def __exit__(self, *exc_info: Any) -> None:
         if self.active:
@@ -537,7 +546,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
             augment_generator.manual_seed(_augmentation_seed(args.seed, step))
             images = preprocess(images, augment_generator)[processes.rank :: processes.world_size]
             labels = labels[processes.rank :: processes.world_size]
-            with warmup_lr(optimizer, args.warmup_lr, active=step < args.warmup_steps):
+            with warmup_lr(optimizer, args.warmup_lr, step, args.warmup_steps, args.warmup_shape):
                 loss, logits = training_step(network, optimizer, scaler, autocast, images, labels, set_to_none)
             step += 1
             if args.schedule_unit == "step":

@@ -169,6 +169,11 @@ def test_warmup_step_schedule_image_size_and_eval_every(fake_cifar, tmp_path, mo
     assert (recipe["warmup_steps"], recipe["warmup_lr"], recipe["image_size"], recipe["schedule_unit"]) == (2, 0.01, 16, "step")
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert (config["warmup_steps"], config["warmup_lr"]) == (2, 0.01)
+    seen.clear()
+    train.main(cifar_argv(fake_cifar, tmp_path / "linear", "--epochs", "2", "--schedule-unit", "step", "--warmup-steps",
+                          "4", "--warmup-lr", "0.02", "--warmup-shape", "linear"))
+    # From 0.02 towards the scheduled lr in 4 steps: 0.02, 0.02 + 0.08 / 4, ... (0.01 is scheduled at step 3).
+    assert [lr for lr, _ in seen] == pytest.approx([0.02, 0.04, 0.06, 0.0125, 0.001, 0.001])
     with pytest.raises(ValueError, match=r"--warmup-steps 2 there, 0 here"):
         train.main(cifar_argv(fake_cifar, out, "--epochs", "2", "--schedule-unit", "step", "--image-size", "16",
                               "--eval-every", "2", "--resume"))
@@ -177,7 +182,7 @@ def test_warmup_step_schedule_image_size_and_eval_every(fake_cifar, tmp_path, mo
 def test_checkpoint_from_before_the_new_options_resumes(fake_cifar, tmp_path):
     train.main(cifar_argv(fake_cifar, tmp_path, "--epochs", "2", "--max-steps", "4"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    for name in ("image_size", "warmup_steps", "warmup_lr", "schedule_unit", "eval_every"):
+    for name in ("image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every"):
         del checkpoint["recipe"][name]
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     # An old checkpoint's warm-up lr is the default's (--lr / 10): the same run resumes.
