@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train-subset", type=int, help="train on only this many images (smoke tests, quick runs)")
     data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"], help="default: per dataset")
     data.add_argument("--image-size", type=int, help="resize every image to this many pixels a side (bilinear, "
-                      "antialiased) before anything else, e.g. 16 for a cheaper Fashion-MNIST run (default: as stored)")
+                      "antialiased) before anything else, e.g. 16 for a cheaper Fashion-MNIST run; a multiple of 4 for the "
+                      "CIFAR networks with option A shortcuts, whose stages halve it twice (default: as stored)")
     model = parser.add_argument_group("model")
     model.add_argument("--depth", type=int, help="6n+2; default 110 (SVHN: 152)")
     model.add_argument("--shortcut", choices=["A", "projection"], default="A")
@@ -103,8 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="'epoch': lr drops after floor(f * epochs) epochs (the paper); 'step': after "
                        "floor(f * total steps) optimizer steps, for runs of a fixed number of steps or under one epoch")
     optim.add_argument("--warmup-steps", type=int, default=0,
-                       help="train the first N optimizer steps at --warmup-lr (He et al. warm ResNet-110 up at "
-                       "lr 0.01 for about 400 iterations); the schedule then goes on as without it")
+                       help="warm the first N optimizer steps up from --warmup-lr (see --warmup-shape; He et al. warm "
+                       "ResNet-110 up at lr 0.01 for about 400 iterations); the schedule then goes on as without it")
     optim.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (default: --lr / 10)")
     optim.add_argument("--warmup-shape", choices=["constant", "linear"], default="constant",
                        help="'constant': every warm-up step at --warmup-lr (He et al.); 'linear': from --warmup-lr "
