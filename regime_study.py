@@ -271,11 +271,16 @@ def depth_curves(root: str | Path, depth: int, size: int) -> dict[str, list[dict
 
 
 def curve_summary(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per k removed: mean test error (last k and random k, over runs and draws), spread, time ratio to k = 0."""
+    """Per k removed: mean test error (last k and random k, over runs and draws), spread, time ratio to k = 0.
+
+    The time ratio comes from the curves timed in CPU seconds (``"clock": "process"``) where there
+    are any: wall-clock times of a shared machine say little.
+    """
+    timed = [c for c in curves if c.get("clock") == "process"] or curves
     out = []
     for k in sorted({p["removed"] for c in curves for p in c["last"]}):
         last = [p for c in curves for p in c["last"] if p["removed"] == k]
-        full = [next(p for p in c["last"] if p["removed"] == 0) for c in curves]
+        pairs = [(p, next(q for q in c["last"] if q["removed"] == 0)) for c in timed for p in c["last"] if p["removed"] == k]
         randoms = [p for c in curves for p in c["random"] if p["removed"] == k]
         out.append({
             "removed": k, "kept_fraction": 1 - k / curves[0]["blocks"],
@@ -283,7 +288,7 @@ def curve_summary(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "last_error_spread": pstdev([100 * p["test_error"] for p in last]) if len(last) > 1 else 0.0,
             "random_error": fmean(100 * p["test_error"] for p in randoms) if randoms else fmean(100 * p["test_error"] for p in last),
             "random_error_spread": pstdev([100 * p["test_error"] for p in randoms]) if len(randoms) > 1 else 0.0,
-            "time_ratio": fmean(p["seconds"] / f["seconds"] for p, f in zip(last, full)),
+            "time_ratio": fmean(p["seconds"] / f["seconds"] for p, f in pairs),
         })  # fmt: skip
     return out
 
