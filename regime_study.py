@@ -251,12 +251,16 @@ def plot_map(rows: list[dict[str, Any]], path: str | Path | None = None):
             low = [p[1]["mean"] - p[1]["ci95"][0] for p in points]
             high = [p[1]["ci95"][1] - p[1]["mean"] for p in points]
             ax.errorbar(x, mean, yerr=[low, high], fmt="o", capsize=4, color=color, label=label)
+            for i, r in enumerate(subset):  # each seed's difference: a diverged run stands out
+                if key in r:
+                    seeds = [t - c for t, c in zip(r[key]["treatment"], r[key]["control"])]
+                    ax.plot([i + 2 * offset] * len(seeds), seeds, "x", color=color, alpha=0.6, markersize=5)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(subset)), [f"ResNet-{r['depth']}" for r in subset])
         ax.set_title(f"{size:,} training images")
         ax.set_ylabel("test error, stochastic - plain (points)\n< 0: stochastic depth better")
         ax.legend(fontsize=8)
-    fig.suptitle("Stochastic depth (linear, $p_L$ = 0.5) against plain, paired by seed, 95% intervals")
+    fig.suptitle("Stochastic depth (linear, $p_L$ = 0.5) against plain, paired by seed: mean, 95% interval, seeds (x)")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
