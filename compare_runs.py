@@ -98,7 +98,8 @@ def compare(control_folders: Sequence[str | Path], treatment_folders: Sequence[s
     return result
 
 
-def _verdict(difference: dict[str, Any]) -> str:
+def verdict_text(difference: dict[str, Any]) -> str:
+    """What a paired difference of errors says, in words: "higher", "lower", or what could have been detected."""
     if difference["n"] < 2:
         return "one seed: no interval, no verdict"
     if difference["verdict"] in ("higher", "lower"):
@@ -114,7 +115,7 @@ def print_comparison(result: dict[str, Any]) -> None:
     for name, values in result["errors"].items():
         d = values["difference_points"]
         print(f"{name:32s} {fmean(values['control']):8.2f}% {fmean(values['treatment']):9.2f}% "
-              f"{d['mean']:+9.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]{'':6s}  {_verdict(d)}")
+              f"{d['mean']:+9.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]{'':6s}  {verdict_text(d)}")
     ratio = result["epoch_time_ratio"]
     verdict = ratio["verdict"] if ratio["n"] > 1 else "one seed: no interval"
     print(f"{'median epoch time, ratio':32s} {ratio['mean']:.3f} [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"

@@ -20,7 +20,6 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -43,7 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mnist import Split, load_fashion_mnist, load_mnist
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_depth_gates, training_flop_floor
+from evaluation_network import keep_blocks
+from resnet_with_stochastic_depth import ResNet, StochasticResNet, training_flop_floor
 from training import pick_device, train_lockstep
 
 __all__ = [
@@ -349,25 +349,6 @@ def _accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     return (probabilities.argmax(dim=1) == labels).float().mean().item()
 
 
-@contextlib.contextmanager
-def _fixed_subnetwork(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
-    """Evaluate `model` as one sub-network: the kept blocks run unscaled, the others not at all.
-
-    In eval mode a gate with survival probability 1 adds its branch unscaled and one with
-    probability 0 returns the shortcut alone: that is a training-time draw applied to every
-    test image, with BatchNorm in eval mode. The probabilities are restored afterwards.
-    """
-    gates = stochastic_depth_gates(model)
-    trained = [gate.survival_prob for gate in gates]
-    try:
-        for gate, kept in zip(gates, keep.tolist()):
-            gate.survival_prob = 1.0 if kept else 0.0
-        yield
-    finally:
-        for gate, p in zip(gates, trained):
-            gate.survival_prob = p
-
-
 def _sample_subnetworks(model: StochasticResNet, split: Split, k: int, seed: int, device: torch.device) -> dict:
     """Whole-test accuracy of the p_l-scaled network, of K sampled sub-networks and of their average."""
     scaled = _predict(model, split.images, device)
@@ -377,7 +358,8 @@ def _sample_subnetworks(model: StochasticResNet, split: Split, k: int, seed: int
     accuracies, active = [], []
     for _ in range(k):
         keep = torch.rand(len(probabilities), generator=generator) < probabilities
-        with _fixed_subnetwork(model, keep):
+        # A training-time draw applied to every test image: kept blocks unscaled, BatchNorm in eval mode.
+        with keep_blocks(model, keep.nonzero().flatten().tolist(), unscaled=True):
             predicted = _predict(model, split.images, device)
         ensemble += predicted
         accuracies.append(_accuracy(predicted, split.labels))

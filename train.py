@@ -58,7 +58,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPE_OPTIONS = (
     "dataset", "val_size", "train_subset", "depth", "shortcut", "p_last", "plain", "survival_rule", "epochs", "batch_size",
     "lr", "momentum", "weight_decay", "nesterov", "lr_milestones", "dropped_update", "augmentation", "seed",
+    "image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every",
 )  # fmt: skip
+# What a checkpoint written before an option existed was trained with.
+# (--warmup-lr: --lr / 10, filled in by load_checkpoint.)
+_OPTION_DEFAULTS = {"image_size": None, "warmup_steps": 0, "warmup_shape": "constant", "schedule_unit": "epoch",
+                    "eval_every": 1}
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "epoch_time_s", "eval_time_s", "mean_active_blocks",
@@ -77,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--val-size", type=int, help="validation images held out of the training set (default: the paper's)")
     data.add_argument("--train-subset", type=int, help="train on only this many images (smoke tests, quick runs)")
     data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"], help="default: per dataset")
+    data.add_argument("--image-size", type=int, help="resize every image to this many pixels a side (bilinear, "
+                      "antialiased) before anything else, e.g. 16 for a cheaper Fashion-MNIST run; a multiple of 4 for the "
+                      "CIFAR networks with option A shortcuts, whose stages halve it twice (default: as stored)")
     model = parser.add_argument_group("model")
     model.add_argument("--depth", type=int, help="6n+2; default 110 (SVHN: 152)")
     model.add_argument("--shortcut", choices=["A", "projection"], default="A")
@@ -90,7 +98,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--momentum", type=float, default=0.9)
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--no-nesterov", dest="nesterov", action="store_false")
-    optim.add_argument("--lr-milestones", type=float, nargs="+", help="fractions of --epochs after which lr /= 10")
+    optim.add_argument("--lr-milestones", type=float, nargs="+",
+                       help="fractions of the run (see --schedule-unit) after which lr /= 10")
+    optim.add_argument("--schedule-unit", choices=["epoch", "step"], default="epoch",
+                       help="'epoch': lr drops after floor(f * epochs) epochs (the paper); 'step': after "
+                       "floor(f * total steps) optimizer steps, for runs of a fixed number of steps or under one epoch")
+    optim.add_argument("--warmup-steps", type=int, default=0,
+                       help="warm the first N optimizer steps up from --warmup-lr (see --warmup-shape; He et al. warm "
+                       "ResNet-110 up at lr 0.01 for about 400 iterations); the schedule then goes on as without it")
+    optim.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (default: --lr / 10)")
+    optim.add_argument("--warmup-shape", choices=["constant", "linear"], default="constant",
+                       help="'constant': every warm-up step at --warmup-lr (He et al.); 'linear': from --warmup-lr "
+                       "at the first step towards the scheduled lr, reached at step --warmup-steps (Goyal et al., 2017)")
     optim.add_argument(
         "--dropped-update",
         choices=["decay", "skip"],
@@ -110,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="channels_last memory format (default: on CUDA only)")  # fmt: skip
     run.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
     run.add_argument("--eval-batch-size", type=int, default=1000)
+    run.add_argument("--eval-every", type=int, default=1,
+                     help="evaluate on the validation and test sets every N epochs and after the last one; "
+                     "the best validation epoch is chosen among those")
     run.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
@@ -124,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {args.depth}")
     if not 0.0 < args.p_last <= 1.0:
         parser.error(f"--p-last must be in (0, 1], got {args.p_last}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.train_subset is not None and args.train_subset < 1:
@@ -135,6 +157,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lr-milestones are fractions of the epochs in (0, 1], got {args.lr_milestones}")
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
+    if args.image_size is not None and args.image_size < 8:
+        parser.error(f"--image-size must be at least 8 pixels, got {args.image_size}")
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup-steps must be non-negative, got {args.warmup_steps}")
+    if args.warmup_lr is None:
+        args.warmup_lr = args.lr / 10
+    if args.warmup_lr <= 0:
+        parser.error(f"--warmup-lr must be positive, got {args.warmup_lr}")
     return args
 
 
@@ -205,16 +235,58 @@ def build_model(args: argparse.Namespace, in_channels: int, num_classes: int) ->
     )
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
-    """The recipe's SGD (Nesterov, no dampening) and its lr schedule, stepped once per epoch."""
+def make_optimizer(
+    model: nn.Module, args: argparse.Namespace, steps_per_epoch: int = 1
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+    """The recipe's SGD (Nesterov, no dampening) and its lr schedule.
+
+    The schedule is stepped once per epoch, or once per optimizer step with
+    ``--schedule-unit step`` (its milestones are then in steps of the
+    ``epochs * steps_per_epoch`` of the run). The warm-up is not part of it (see :func:`warmup_lr`).
+    """
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=args.momentum, dampening=0.0,
         weight_decay=args.weight_decay, nesterov=args.nesterov,
     )  # fmt: skip
     # lr /= 10 after floor(f * epochs) epochs: the paper's "after epochs 250 and 375" of 500, and the
     # official code's rule (epoch < f * epochs keeps the higher rate) where f * epochs is not whole.
-    milestones = [math.floor(f * args.epochs) for f in args.lr_milestones]
+    length = args.epochs * (steps_per_epoch if args.schedule_unit == "step" else 1)
+    milestones = [math.floor(f * length) for f in args.lr_milestones]
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+
+
+class warmup_lr:
+    """Context manager: the optimizer steps taken inside it use the warm-up lr at `step`, if `step < steps`.
+
+    ``"constant"``: `lr` throughout the warm-up; ``"linear"``: ``lr + (scheduled - lr) * step / steps``
+    at 0-based optimizer step `step`. The scheduled lr is put back on exit, so the scheduler (and
+    the checkpoint) never see the warm-up: after it, training goes on exactly as the schedule says.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, step: int, steps: int, shape: str = "constant") -> None:
+        if shape not in ("constant", "linear"):
+            raise ValueError(f"unknown warm-up shape {shape!r}: expected 'constant' or 'linear'")
+        self.optimizer, self.lr, self.step, self.steps, self.shape = optimizer, lr, step, steps, shape
+        self.active = step < steps
+        self.scheduled: list[float] = []
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.scheduled = [group["lr"] for group in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                fraction = 0.0 if self.shape == "constant" else self.step / self.steps
+                group["lr"] = self.lr + (group["lr"] - self.lr) * fraction
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.active:
+            for group, lr in zip(self.optimizer.param_groups, self.scheduled):
+                group["lr"] = lr
+
+
+def resize_split(split: image_data.mnist.Split, size: int) -> image_data.mnist.Split:
+    """`split` with its (N, C, H, W) images resized to (N, C, size, size) float32 (bilinear, antialiased)."""
+    images = F.interpolate(split.images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return image_data.mnist.Split(images, split.labels)
 
 
 def prepare_gradients(model: nn.Module, dropped_update: str) -> bool:
@@ -295,10 +367,11 @@ def load_checkpoint(path: Path, args: argparse.Namespace, processes: Processes) 
     if isinstance(box[0], Exception):
         raise box[0]
     checkpoint = box[0]
+    recipe = {**_OPTION_DEFAULTS, "warmup_lr": checkpoint["recipe"]["lr"] / 10, **checkpoint["recipe"]}
     differing = [
-        f"--{name.replace('_', '-')} {checkpoint['recipe'][name]!r} there, {getattr(args, name)!r} here"
+        f"--{name.replace('_', '-')} {recipe[name]!r} there, {getattr(args, name)!r} here"
         for name in RECIPE_OPTIONS
-        if checkpoint["recipe"][name] != getattr(args, name)
+        if recipe[name] != getattr(args, name)
     ]
     if differing:
         raise ValueError(f"{path} is a run with other options ({'; '.join(differing)}): resume it with the same options")
@@ -318,8 +391,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     if not records:
         return {}
     summary: dict[str, Any] = {"epochs_done": len(records), "final_test_error": records[-1]["test_error"]}
-    if records[0]["val_error"] is not None:
-        best = min(records, key=lambda r: r["val_error"])
+    evaluated = [r for r in records if r["val_error"] is not None]  # (--eval-every skips epochs)
+    if evaluated:
+        best = min(evaluated, key=lambda r: r["val_error"])
         summary.update(best_val_epoch=best["epoch"], best_val_error=best["val_error"], test_error_at_best_val=best["test_error"])
     times = sorted(r["epoch_time_s"] for r in records)
     summary.update(median_epoch_time_s=times[len(times) // 2], total_train_time_s=sum(times))
@@ -384,6 +458,8 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         processes.barrier()
     if args.train_subset is not None:  # the split is random, so the first images are a random subset
         splits.train = image_data.mnist.Split(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
+    if args.image_size is not None:
+        splits.train, splits.val, splits.test = (resize_split(s, args.image_size) for s in (splits.train, splits.val, splits.test))
     mean_image, std = image_data.normalisation(splits.train)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     preprocess = image_data.Preprocess(mean_image, std, args.augmentation, channels_last)
@@ -408,7 +484,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=stochastic
         )
-    optimizer, scheduler = make_optimizer(model, args)
+    optimizer, scheduler = make_optimizer(model, args, steps_per_epoch)
     autocast, scaler = mixed_precision(args.amp, device)
     set_to_none = prepare_gradients(model, args.dropped_update)
 
@@ -473,8 +549,11 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
             labels = labels[processes.rank :: processes.world_size]
             if stochastic:  # every process drops the same blocks at this step, by construction
                 set_step(model, step)
-            loss, logits = training_step(network, optimizer, scaler, autocast, images, labels, set_to_none)
+            with warmup_lr(optimizer, args.warmup_lr, step, args.warmup_steps, args.warmup_shape):
+                loss, logits = training_step(network, optimizer, scaler, autocast, images, labels, set_to_none)
             step += 1
+            if args.schedule_unit == "step":
+                scheduler.step()
             with torch.no_grad():
                 totals[0] += loss.detach().float() * len(labels)
                 totals[1] += (logits.argmax(1) != labels).sum()
@@ -506,8 +585,11 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         partial = {}
         eval_start = time.perf_counter()
         _share_batchnorm_statistics(model, processes)
-        val_loss, val_error = evaluate(model, val, preprocess, args, processes, autocast) if len(val.labels) else (None, None)
-        test_loss, test_error = evaluate(model, test, preprocess, args, processes, autocast)
+        val_loss = val_error = test_loss = test_error = None
+        if (epoch + 1) % args.eval_every == 0 or step == stop_at:
+            if len(val.labels):
+                val_loss, val_error = evaluate(model, val, preprocess, args, processes, autocast)
+            test_loss, test_error = evaluate(model, test, preprocess, args, processes, autocast)
         loss_sum, errors, count = _all_reduce_sum(torch.cat([totals, torch.tensor([images_seen], device=device)]), processes).tolist()
         records.append({
             "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
@@ -516,14 +598,16 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
             "epoch_time_s": seconds, "eval_time_s": time.perf_counter() - eval_start,
             "mean_active_blocks": active_blocks / steps_per_epoch if stochastic else float(len(model.blocks)),
         })  # fmt: skip
-        scheduler.step()
+        if args.schedule_unit == "epoch":
+            scheduler.step()
         save_checkpoint({})
         if is_main:
             write_metrics(output_dir, records, summarise(records), config)
             r = records[-1]
             val_text = "" if val_error is None else f"val error {100 * val_error:.2f}%, "
+            test_text = "" if test_error is None else f"test error {100 * test_error:.2f}%, "
             tqdm.write(f"epoch {r['epoch']}/{args.epochs}: train loss {r['train_loss']:.4f}, {val_text}"
-                       f"test error {100 * test_error:.2f}%, {seconds:.1f} s")  # fmt: skip
+                       f"{test_text}{seconds:.1f} s")  # fmt: skip
     bar.close()
     summary = summarise(records)
     if is_main and records:

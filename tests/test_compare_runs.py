@@ -40,7 +40,7 @@ def test_paired_difference_and_interval_match_scipys_paired_t(tmp_path):
     mean = sum(points) / 3
     low, high = scipy.stats.t.interval(0.95, 2, loc=mean, scale=scipy.stats.sem(points))
     assert d["mean"] == pytest.approx(mean) and d["ci95"] == pytest.approx([low, high])
-    assert compare_runs._verdict(d) == d["verdict"] == "higher"  # the treatment's error is higher, its interval above 0
+    assert compare_runs.verdict_text(d) == d["verdict"] == "higher"  # the treatment's error is higher, its interval above 0
     ratio = result["epoch_time_ratio"]
     assert ratio["mean"] == pytest.approx(0.75) and ratio["n"] == 3
 
@@ -48,7 +48,7 @@ def test_paired_difference_and_interval_match_scipys_paired_t(tmp_path):
 def test_no_detectable_difference_says_how_small_a_difference_was_detectable(tmp_path, capsys):
     control, treatment = groups(tmp_path, [0.10, 0.11, 0.09, 0.10], [0.11, 0.09, 0.10, 0.105])
     result = compare_runs.compare(control, treatment)
-    verdict = compare_runs._verdict(result["errors"]["final test error"]["difference_points"])
+    verdict = compare_runs.verdict_text(result["errors"]["final test error"]["difference_points"])
     assert verdict.startswith("no difference detectable (80% power at ")
     compare_runs.main(["--control", *map(str, control), "--treatment", *map(str, treatment),
                        "--out", str(tmp_path / "c.json")])
@@ -60,7 +60,7 @@ def test_one_seed_gives_no_interval_and_no_verdict(tmp_path):
     result = compare_runs.compare(*groups(tmp_path, [0.09], [0.14]))
     d = result["errors"]["final test error"]["difference_points"]
     assert d["mean"] == pytest.approx(5.0) and all(math.isnan(v) for v in d["ci95"])
-    assert compare_runs._verdict(d) == "one seed: no interval, no verdict"
+    assert compare_runs.verdict_text(d) == "one seed: no interval, no verdict"
 
 
 @pytest.mark.parametrize(

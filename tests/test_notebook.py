@@ -93,3 +93,26 @@ def test_committed_study_notebook_shows_the_committed_study():
     summary = json.loads((ROOT / "results" / "study" / "study_summary.json").read_text())
     for comparison in summary["comparisons"]:
         assert f"difference {comparison['accuracy_difference']:+.2f} points" in text
+
+
+REGIME_NOTEBOOK = ROOT / "regime_study.ipynb"
+
+
+def test_regime_notebook_draws_the_committed_map_and_depth_curve_quickly_with_nothing_to_train(tmp_path):
+    import time
+
+    import regime_study
+
+    start = time.perf_counter()
+    executed = tmp_path / "regime.ipynb"
+    papermill.execute_notebook(REGIME_NOTEBOOK, executed, cwd=ROOT, kernel_name="python3", progress_bar=False)
+    assert time.perf_counter() - start < 120
+    text = printed_text(json.loads(executed.read_text()))
+    rows = regime_study.regime_map(ROOT / "results" / "regime-fashion-mnist")
+    assert rows, "no committed cell with two or more seeds"
+    for row in rows:
+        assert regime_study.verdict(row, "test") in text
+    # The committed notebook shows what the committed files say.
+    committed = printed_text(json.loads(REGIME_NOTEBOOK.read_text()))
+    for row in rows:
+        assert regime_study.verdict(row, "test") in committed

@@ -264,9 +264,6 @@ def test_sampled_subnetworks_keep_blocks_as_drawn_and_restore_the_model(tiny_stu
     settings, _, _ = tiny_study
     model = settings.build_models(seed=0)["p_L=0.5"]
     trained = model.survival_probabilities
-    import torch
-
-    keep = torch.tensor([True, False, True])
-    with study._fixed_subnetwork(model, keep):
+    with study.keep_blocks(model, [0, 2], unscaled=True):
         assert model.survival_probabilities == [1.0, 0.0, 1.0]
     assert model.survival_probabilities == trained

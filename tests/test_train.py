@@ -148,6 +148,55 @@ def test_fake_cifar_trains_with_the_recipe_and_writes_metrics_and_checkpoint_eac
     assert not list(out.glob("*.partial"))
 
 
+def test_warmup_step_schedule_image_size_and_eval_every(fake_cifar, tmp_path, monkeypatch):
+    seen = []  # (lr, input shape) of each optimizer step
+    original = train.training_step
+
+    def spy(network, optimizer, scaler, autocast, images, labels, set_to_none):
+        seen.append((optimizer.param_groups[0]["lr"], tuple(images.shape)))
+        return original(network, optimizer, scaler, autocast, images, labels, set_to_none)
+
+    monkeypatch.setattr(train, "training_step", spy)
+    out = tmp_path / "run"
+    result = train.main(cifar_argv(fake_cifar, out, "--epochs", "2", "--schedule-unit", "step", "--warmup-steps", "2",
+                                   "--warmup-lr", "0.01", "--image-size", "16", "--eval-every", "2"))
+    # 6 steps; milestones at floor(0.5 * 6) = 3 and floor(0.75 * 6) = 4 steps; steps 0 and 1 warm up at 0.01.
+    assert [lr for lr, _ in seen] == pytest.approx([0.01, 0.01, 0.1, 0.01, 0.001, 0.001])
+    assert {shape[1:] for _, shape in seen} == {(3, 16, 16)}
+    assert result.records[0]["val_error"] is None and result.records[0]["test_error"] is None
+    assert result.records[1]["val_error"] is not None and result.summary["best_val_epoch"] == 2
+    recipe = torch.load(out / "checkpoint.pt", weights_only=True)["recipe"]
+    assert (recipe["warmup_steps"], recipe["warmup_lr"], recipe["image_size"], recipe["schedule_unit"]) == (2, 0.01, 16, "step")
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert (config["warmup_steps"], config["warmup_lr"]) == (2, 0.01)
+    seen.clear()
+    train.main(cifar_argv(fake_cifar, tmp_path / "linear", "--epochs", "2", "--schedule-unit", "step", "--warmup-steps",
+                          "4", "--warmup-lr", "0.02", "--warmup-shape", "linear"))
+    # From 0.02 towards the scheduled lr in 4 steps: 0.02, 0.02 + 0.08 / 4, ... (0.01 is scheduled at step 3).
+    assert [lr for lr, _ in seen] == pytest.approx([0.02, 0.04, 0.06, 0.0125, 0.001, 0.001])
+    with pytest.raises(ValueError, match=r"--warmup-steps 2 there, 0 here"):
+        train.main(cifar_argv(fake_cifar, out, "--epochs", "2", "--schedule-unit", "step", "--image-size", "16",
+                              "--eval-every", "2", "--resume"))
+
+
+def test_checkpoint_from_before_the_new_options_resumes(fake_cifar, tmp_path):
+    train.main(cifar_argv(fake_cifar, tmp_path, "--epochs", "2", "--max-steps", "4"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for name in ("image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every"):
+        del checkpoint["recipe"][name]
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    # An old checkpoint's warm-up lr is the default's (--lr / 10): the same run resumes.
+    assert train.main(cifar_argv(fake_cifar, tmp_path, "--epochs", "2", "--resume")).steps == 6
+
+
+@pytest.mark.parametrize("option, value", [("--warmup-steps", "-1"), ("--warmup-lr", "0"), ("--image-size", "4"),
+                                           ("--eval-every", "0")])
+def test_bad_warmup_size_and_eval_options_are_refused_naming_the_value(option, value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([option, value])
+    assert f"got {value}" in capsys.readouterr().err
+
+
 def test_resume_inside_an_epoch_continues_exactly(fake_cifar, tmp_path):
     whole = train.main(cifar_argv(fake_cifar, tmp_path / "whole", "--epochs", "2"))
     train.main(cifar_argv(fake_cifar, tmp_path / "parts", "--epochs", "2", "--max-steps", "4"))

@@ -1,0 +1,375 @@
+"""Where does stochastic depth help? The regime study's evaluation, map and depth curve.
+
+The runs are ``train.py`` runs, one folder each, laid out as
+``ROOT/d{depth}-n{train images}/{plain,sd}-seed{seed}/`` (``results/regime-fashion-mnist/run_all.sh``
+makes them). This module
+
+- evaluates each finished run again from its checkpoint (:func:`evaluate_run`): the test error
+  and the training error of the evaluation network, before and after
+  :func:`evaluation_network.recompute_batchnorm_statistics`, into ``evaluation.json``; and for the
+  deepest networks the depth curve (:func:`depth_curve`): test error and inference time with the
+  last ``k`` blocks removed, or ``k`` random blocks, through :func:`evaluation_network.keep_blocks`,
+  into ``depth_curve.json``;
+- computes the map from those files (:func:`regime_map`): per (depth, size) cell the paired
+  difference stochastic - plain of the test error with its 95% interval (``compare_runs.compare``,
+  whose statistics are ``study.py``'s), with and without the re-estimation, the training errors
+  beside, the step-time ratio and the smallest difference the seeds could detect;
+- draws the map and the depth curve (:func:`plot_map`, :func:`plot_depth_curve`), reading files only.
+
+Usage::
+
+    python regime_study.py evaluate --root results/regime-fashion-mnist [--seed 0]   # needs checkpoints
+    python regime_study.py map --root results/regime-fashion-mnist                    # files only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from statistics import fmean, pstdev
+from typing import Any
+
+import torch
+
+import compare_runs
+import image_data
+import train
+from evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
+from study import _write_json_atomically, paired_difference
+
+# Training images used to re-estimate BatchNorm statistics and to measure the training error of the
+# evaluation network: the first ones of the run's training split (a random subset of it).
+STATISTICS_IMAGES = 2048
+# The depth curve: test images (the first ones of the test set), random draws per k.
+CURVE_TEST_IMAGES = 5000
+CURVE_DRAWS = 3
+_CELL = re.compile(r"d(\d+)-n(\d+)$")
+
+
+def load_trained(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], Any]:
+    """The model of a finished ``train.py`` run, its config, and its data exactly as it trained.
+
+    Returns ``(model, config, data)`` where ``data`` has ``train``, ``test`` (stored images, resized
+    as in training), ``preprocess`` (normalisation as in training, no augmentation) and ``augment``
+    (the training run's augmentation too, when called with a generator).
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "metrics.json").read_text())["config"]
+    args = argparse.Namespace(**config)
+    splits = image_data.load_splits(args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, download=False)
+    if args.train_subset is not None:
+        splits.train = image_data.mnist.Split(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
+    if args.image_size is not None:
+        splits.train, splits.test = (train.resize_split(s, args.image_size) for s in (splits.train, splits.test))
+    mean_image, std = image_data.normalisation(splits.train)
+    preprocess = image_data.Preprocess(mean_image, std, "none")
+    augment = image_data.Preprocess(mean_image, std, args.augmentation)
+    model = train.build_model(args, splits.train.images.shape[1], splits.num_classes)
+    checkpoint = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    data = argparse.Namespace(train=splits.train, test=splits.test, preprocess=preprocess, augment=augment)
+    return model, config, data
+
+
+def _error(model: torch.nn.Module, split: Any, preprocess: Any, limit: int | None = None) -> tuple[float, float]:
+    """(error rate, seconds) of `model` in eval mode on the first `limit` images of `split`.
+
+    The seconds are this process's CPU time (one thread in the study): unlike the wall clock, it
+    does not count the time other processes of a shared machine take.
+    """
+    if limit is not None:
+        split = image_data.mnist.Split(split.images[:limit], split.labels[:limit])
+    args = argparse.Namespace(eval_batch_size=1000)
+    start = time.process_time()
+    _, error = train.evaluate(model, split, preprocess, args, train.Processes(), nullcontext())
+    return error, time.process_time() - start
+
+
+def depth_curve(model: torch.nn.Module, test: Any, preprocess: Any, removed: list[int], draws: int, seed: int) -> dict:
+    """Test error and inference time with the last ``k`` blocks removed and with ``k`` random ones.
+
+    The blocks of lowest survival probability are the last ones (linear rule); for a plain
+    network "last" is taken literally. Times are CPU seconds of one pass over `test` (see :func:`_error`);
+    ``"clock": "process"`` in the result says so.
+    """
+    blocks = len(residual_blocks(model))
+    generator = torch.Generator().manual_seed(seed)
+    curve: dict[str, Any] = {"blocks": blocks, "test_images": len(test.labels), "clock": "process", "last": [], "random": []}
+    for k in removed:
+        with keep_blocks(model, range(blocks - k)):
+            error, seconds = _error(model, test, preprocess)
+        curve["last"].append({"removed": k, "test_error": error, "seconds": seconds})
+        if k == 0:
+            continue
+        for _ in range(draws):
+            gone = set(torch.randperm(blocks, generator=generator)[:k].tolist())
+            with keep_blocks(model, [i for i in range(blocks) if i not in gone]):
+                error, seconds = _error(model, test, preprocess)
+            curve["random"].append({"removed": k, "blocks_removed": sorted(gone), "test_error": error, "seconds": seconds})
+    return curve
+
+
+def evaluate_run(folder: str | Path, *, curve: bool = False) -> dict[str, Any]:
+    """Write ``evaluation.json`` (and with `curve` ``depth_curve.json``) for one finished run."""
+    folder = Path(folder)
+    torch.manual_seed(0)
+    model, config, data = load_trained(folder)
+    # The re-estimation sees training images as training saw them (augmented): what changes is the
+    # network (every block, scaled by p_l), not the input distribution.
+    generator = torch.Generator().manual_seed(config["seed"])
+    stats_images = data.augment(data.train.images[:STATISTICS_IMAGES], generator)
+    # The test error as trained is metrics.json's (the checkpoint is the model evaluated there).
+    result: dict[str, Any] = {"statistics_images": len(stats_images), "statistics_augmentation": config["augmentation"]}
+    result["test_error"] = json.loads((folder / "metrics.json").read_text())["summary"]["final_test_error"]
+    result["train_error"], _ = _error(model, data.train, data.preprocess, STATISTICS_IMAGES)
+    if curve:
+        blocks = len(residual_blocks(model))
+        removed = sorted({0, *(round(f * blocks) for f in (0.125, 0.25, 0.375, 0.5))})
+        test = image_data.mnist.Split(data.test.images[:CURVE_TEST_IMAGES], data.test.labels[:CURVE_TEST_IMAGES])
+        _write_json_atomically(folder / "depth_curve.json", depth_curve(model, test, data.preprocess, removed, CURVE_DRAWS, config["seed"]))
+    recompute_batchnorm_statistics(model, stats_images)
+    result["test_error_bn"], _ = _error(model, data.test, data.preprocess)
+    result["train_error_bn"], _ = _error(model, data.train, data.preprocess, STATISTICS_IMAGES)
+    _write_json_atomically(folder / "evaluation.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------
+# The map, from files only
+# ----------------------------------------------------------------------------------
+
+
+def cells(root: str | Path) -> dict[tuple[int, int], dict[str, dict[int, Path]]]:
+    """``{(depth, train images): {"plain": {seed: folder}, "sd": {seed: folder}}}`` of the finished runs."""
+    found: dict[tuple[int, int], dict[str, dict[int, Path]]] = {}
+    for cell in sorted(Path(root).iterdir()):
+        match = _CELL.match(cell.name)
+        if not match or not cell.is_dir():
+            continue
+        groups: dict[str, dict[int, Path]] = {"plain": {}, "sd": {}}
+        for run in cell.iterdir():
+            model, _, seed = run.name.partition("-seed")
+            metrics = run / "metrics.json"
+            if model in groups and metrics.is_file():
+                summary = json.loads(metrics.read_text())
+                if summary["summary"].get("epochs_done") == summary["config"]["epochs"]:
+                    groups[model][int(seed)] = run
+        found[int(match[1]), int(match[2])] = groups
+    return found
+
+
+def regime_map(root: str | Path) -> list[dict[str, Any]]:
+    """One row per (depth, size) cell with runs of both models for at least two common seeds.
+
+    Differences are stochastic - plain in percentage points of error (negative: stochastic
+    depth better), paired by seed. ``bn`` columns use the errors after
+    ``recompute_batchnorm_statistics`` (``evaluation.json``); ``train`` errors are those of the
+    evaluation network on the first 2,048 training images.
+    """
+    rows = []
+    for (depth, size), groups in sorted(cells(root).items()):
+        seeds = sorted(groups["plain"].keys() & groups["sd"].keys())
+        if len(seeds) < 2:
+            continue
+        comparison = compare_runs.compare([groups["plain"][s] for s in seeds], [groups["sd"][s] for s in seeds])
+        row: dict[str, Any] = {"depth": depth, "train_images": size, "seeds": seeds,
+                               "test": comparison["errors"]["final test error"],
+                               "step_time_ratio": comparison["epoch_time_ratio"]}  # fmt: skip
+        evaluations = {m: [groups[m][s] / "evaluation.json" for s in seeds] for m in ("plain", "sd")}
+        if all(p.is_file() for paths in evaluations.values() for p in paths):
+            loaded = {m: [json.loads(p.read_text()) for p in paths] for m, paths in evaluations.items()}
+            for key in ("test_error_bn", "train_error", "train_error_bn"):
+                plain = [100 * e[key] for e in loaded["plain"]]
+                sd = [100 * e[key] for e in loaded["sd"]]
+                row[key.replace("_error", "")] = {"control": plain, "treatment": sd, "difference_points": paired_difference(sd, plain)}
+        rows.append(row)
+    return rows
+
+
+def verdict(row: dict[str, Any], key: str = "test") -> str:
+    """One line: the cell, the mean errors, the difference with its interval, and what it says."""
+    if key not in row:
+        return f"ResNet-{row['depth']}, {row['train_images']:,} images: not evaluated yet"
+    values = row[key]
+    d = values["difference_points"]
+    word = {"better": "higher with stochastic depth", "worse": "lower with stochastic depth",
+            "higher": "higher with stochastic depth", "lower": "lower with stochastic depth"}.get(d["verdict"])  # fmt: skip
+    if word is None:
+        word = compare_runs.verdict_text(d)
+    return (f"ResNet-{row['depth']}, {row['train_images']:,} images: plain {fmean(values['control']):.2f}%, "
+            f"stochastic {fmean(values['treatment']):.2f}%, difference {d['mean']:+.2f} points "
+            f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] ({len(row['seeds'])} seeds): {word}")
+
+
+def map_table(rows: list[dict[str, Any]]) -> str:
+    """The map as a Markdown table."""
+    def cell(row, key, what="difference"):
+        if key not in row:
+            return "-"
+        d = row[key]["difference_points"]
+        if what == "means":
+            return f"{fmean(row[key]['control']):.1f} / {fmean(row[key]['treatment']):.1f}"
+        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+    lines = [
+        "| depth | training images | seeds | test error, plain / SD (%) | SD - plain, points [95% CI] | "
+        "detectable (points) | with BN re-estimated: plain / SD (%) | SD - plain [95% CI] | "
+        "training error plain / SD (%) | with BN re-estimated | step-time ratio SD / plain |",
+        "|---:|---:|---:|---|---|---:|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = row["step_time_ratio"]
+        detectable = row["test"]["difference_points"]["min_detectable"]
+        lines.append(
+            f"| {row['depth']} | {row['train_images']:,} | {len(row['seeds'])} | {cell(row, 'test', 'means')} | "
+            f"{cell(row, 'test')} | {detectable:.2f} | {cell(row, 'test_bn', 'means')} | {cell(row, 'test_bn')} | "
+            f"{cell(row, 'train', 'means')} | {cell(row, 'train_bn', 'means')} | "
+            f"{ratio['mean']:.2f} [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}] |"
+        )
+    return "\n".join(lines)
+
+
+def plot_map(rows: list[dict[str, Any]], path: str | Path | None = None):
+    """Paired test-error difference per cell with its 95% interval, without and with BN re-estimation."""
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["train_images"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False, sharey=True)
+    for ax, size in zip(axes[0], sizes):
+        subset = [r for r in rows if r["train_images"] == size]
+        for offset, key, label, color in ((-0.12, "test", "as trained", "C0"), (0.12, "test_bn", "BatchNorm re-estimated", "C1")):
+            points = [(i + offset, r[key]["difference_points"]) for i, r in enumerate(subset) if key in r]
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            mean = [p[1]["mean"] for p in points]
+            low = [p[1]["mean"] - p[1]["ci95"][0] for p in points]
+            high = [p[1]["ci95"][1] - p[1]["mean"] for p in points]
+            ax.errorbar(x, mean, yerr=[low, high], fmt="o", capsize=4, color=color, label=label)
+            for i, r in enumerate(subset):  # each seed's difference: a diverged run stands out
+                if key in r:
+                    seeds = [t - c for t, c in zip(r[key]["treatment"], r[key]["control"])]
+                    ax.plot([i + 2 * offset] * len(seeds), seeds, "x", color=color, alpha=0.6, markersize=5)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(subset)), [f"ResNet-{r['depth']}" for r in subset])
+        ax.set_title(f"{size:,} training images")
+        ax.set_ylabel("test error, stochastic - plain (points)\n< 0: stochastic depth better")
+        ax.legend(fontsize=8)
+    fig.suptitle("Stochastic depth (linear, $p_L$ = 0.5) against plain, paired by seed: mean, 95% interval, seeds (x)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def depth_curves(root: str | Path, depth: int, size: int) -> dict[str, list[dict[str, Any]]]:
+    """The ``depth_curve.json`` of every run of a cell, per model: ``{"plain": [...], "sd": [...]}``."""
+    groups = cells(root).get((depth, size), {"plain": {}, "sd": {}})
+    return {m: [json.loads((f / "depth_curve.json").read_text()) for _, f in sorted(groups[m].items())
+                if (f / "depth_curve.json").is_file()] for m in ("plain", "sd")}  # fmt: skip
+
+
+def curve_summary(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per k removed: mean test error (last k and random k, over runs and draws), spread, time ratio to k = 0.
+
+    The time ratio comes from the curves timed in CPU seconds (``"clock": "process"``) where there
+    are any: wall-clock times of a shared machine say little.
+    """
+    timed = [c for c in curves if c.get("clock") == "process"] or curves
+    out = []
+    for k in sorted({p["removed"] for c in curves for p in c["last"]}):
+        last = [p for c in curves for p in c["last"] if p["removed"] == k]
+        pairs = [(p, next(q for q in c["last"] if q["removed"] == 0)) for c in timed for p in c["last"] if p["removed"] == k]
+        randoms = [p for c in curves for p in c["random"] if p["removed"] == k]
+        out.append({
+            "removed": k, "kept_fraction": 1 - k / curves[0]["blocks"],
+            "last_error": fmean(100 * p["test_error"] for p in last),
+            "last_error_spread": pstdev([100 * p["test_error"] for p in last]) if len(last) > 1 else 0.0,
+            "random_error": fmean(100 * p["test_error"] for p in randoms) if randoms else fmean(100 * p["test_error"] for p in last),
+            "random_error_spread": pstdev([100 * p["test_error"] for p in randoms]) if len(randoms) > 1 else 0.0,
+            "time_ratio": fmean(p["seconds"] / f["seconds"] for p, f in pairs),
+        })  # fmt: skip
+    return out
+
+
+def plot_depth_curve(curves: dict[str, list[dict[str, Any]]], title: str, path: str | Path | None = None):
+    """Test error against the fraction of blocks kept, plain vs stochastic; inference-time ratio on a second axis."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    twin = ax.twinx()
+    for model, color, label in (("plain", "C0", "plain"), ("sd", "C3", "stochastic depth")):
+        if not curves[model]:
+            continue
+        summary = curve_summary(curves[model])
+        x = [s["kept_fraction"] for s in summary]
+        ax.plot(x, [s["last_error"] for s in summary], "o-", color=color, label=f"{label}: last blocks removed")
+        ax.errorbar(x, [s["random_error"] for s in summary], yerr=[s["random_error_spread"] for s in summary],
+                    fmt="s--", color=color, alpha=0.6, capsize=3, label=f"{label}: random blocks removed (± sd)")
+        twin.plot(x, [s["time_ratio"] for s in summary], ":", color=color, alpha=0.5)
+    twin.set_ylabel("inference time / all blocks (dotted)")
+    twin.set_ylim(0, 1.1)
+    ax.set_xlabel("fraction of residual blocks kept")
+    ax.set_ylabel("test error (%)")
+    ax.invert_xaxis()
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["evaluate", "map"])
+    parser.add_argument("--root", type=Path, default=Path("results/regime-fashion-mnist"))
+    parser.add_argument("--seed", type=int, help="evaluate: only this seed's runs")
+    parser.add_argument("--curve-depth", type=int, default=110, help="evaluate: depth whose runs get a depth curve")
+    parser.add_argument("--curve-size", type=int, default=55000, help="evaluate: training-set size of those runs")
+    parser.add_argument("--curve-seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluate: seeds of those runs")
+    args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        for (depth, size), groups in sorted(cells(args.root).items()):
+            for model in ("plain", "sd"):
+                for seed, folder in sorted(groups[model].items()):
+                    if args.seed is not None and seed != args.seed:
+                        continue
+                    curve = (depth, size) == (args.curve_depth, args.curve_size) and seed in args.curve_seeds
+                    if (folder / "evaluation.json").is_file() and (not curve or (folder / "depth_curve.json").is_file()):
+                        continue
+                    if not (folder / "checkpoint.pt").is_file():
+                        print(f"{folder}: no checkpoint.pt, cannot evaluate")
+                        continue
+                    start = time.perf_counter()
+                    result = evaluate_run(folder, curve=curve)
+                    print(f"{folder}: test error {100 * result['test_error']:.2f}% -> {100 * result['test_error_bn']:.2f}% "
+                          f"with BN re-estimated, {time.perf_counter() - start:.0f} s", flush=True)
+        return
+    rows = regime_map(args.root)
+    print(map_table(rows))
+    print()
+    for row in rows:
+        print(verdict(row, "test"))
+        print("  BN re-estimated: " + verdict(row, "test_bn"))
+    serialisable = json.loads(json.dumps(rows, default=str))
+    _write_json_atomically(args.root / "map.json", serialisable)
+    (args.root / "map.md").write_text(map_table(rows) + "\n")
+    plot_map(rows, args.root / "map.png")
+    depth = max((r["depth"] for r in rows), default=None)
+    if depth is not None:
+        for size in sorted({r["train_images"] for r in rows}):
+            curves = depth_curves(args.root, depth, size)
+            if curves["plain"] or curves["sd"]:
+                plot_depth_curve(curves, f"ResNet-{depth}, {size:,} training images: blocks removed at test time",
+                                 args.root / f"depth_curve_d{depth}-n{size}.png")
+    print(f"wrote {args.root}/map.json, map.md, map.png and the depth curves")
+
+
+if __name__ == "__main__":
+    main()
