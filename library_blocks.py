@@ -73,12 +73,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple
 
-import timm.models.convnext as timm_convnext
-import timm.models.resnet as timm_resnet
-import timm.models.vision_transformer as timm_vit
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
@@ -87,6 +83,13 @@ from torchvision.models import efficientnet as tv_efficientnet
 from torchvision.models import swin_transformer as tv_swin
 from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
+try:  # timm is optional: without it, torchvision's blocks are still converted
+    import timm.models.convnext as timm_convnext
+    import timm.models.resnet as timm_resnet
+    import timm.models.vision_transformer as timm_vit
+    from timm.layers import DropPath
+except ImportError:
+    timm_convnext = timm_resnet = timm_vit = DropPath = None
 from resnet_with_stochastic_depth import StochasticDepth
 from resnet_with_stochastic_depth import gate_in_layout as _gate_in_layout
 
@@ -105,6 +108,10 @@ __all__ = [
     "library_block_conversions",
     "supported_blocks",
 ]
+if timm_vit is None:  # (timm's blocks are defined only where timm is installed)
+    __all__ = [name for name in __all__ if name not in (
+        "StochasticConvNeXtBlock", "StochasticTimmBasicBlock", "StochasticTimmBottleneck", "StochasticVisionTransformerBlock",
+    )]
 
 
 class BlockConversion(NamedTuple):
@@ -218,73 +225,6 @@ class StochasticFusedMBConv(_Converted, tv_efficientnet.FusedMBConv):
         return _gate_in_layout(self.stochastic_depth, self.block, input, input)
 
 
-class StochasticVisionTransformerBlock(_Converted, timm_vit.Block):
-    """timm's ViT block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``, each gated.
-
-    ``x``: ``(N, tokens, C)``. ``attn_mask`` and ``is_causal`` go to the attention as in
-    timm. Raises ``ValueError`` for a mask with a batch dimension (4-D, first size > 1)
-    while training in a row mode: the branch then runs on the kept samples only, and
-    their rows of the mask are not known to it.
-    """
-
-    LIBRARY_CLASS, DROP_PATHS, GATES = timm_vit.Block, ("drop_path1", "drop_path2"), ("drop_path1", "drop_path2")
-    drop_path1: StochasticDepth
-    drop_path2: StochasticDepth
-
-    def attention_branch(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """``(N, tokens, C) -> (N, tokens, C)``."""
-        return self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
-
-    def mlp_branch(self, x: Tensor) -> Tensor:
-        """``(N, tokens, C) -> (N, tokens, C)``."""
-        return self.ls2(self.mlp(self.norm2(x)))
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is None and not is_causal:
-            attention: Callable[[Tensor], Tensor] = self.attention_branch
-        else:
-            if (
-                self.training
-                and self.drop_path1.mode != "batch"
-                and attn_mask is not None
-                and attn_mask.dim() == 4
-                and attn_mask.shape[0] > 1
-            ):
-                raise ValueError(
-                    f"a per-sample attention mask (shape {tuple(attn_mask.shape)}) cannot be used while "
-                    f"training with mode={self.drop_path1.mode!r}, where the attention runs on the kept "
-                    "samples only: pass a mask that broadcasts over the batch (first size 1), or convert "
-                    "the model with mode='batch'"
-                )
-
-            def attention(t: Tensor) -> Tensor:
-                return self.attention_branch(t, attn_mask, is_causal)
-
-        x = self.drop_path1(attention, x, x)
-        return self.drop_path2(self.mlp_branch, x, x)
-
-
-class StochasticConvNeXtBlock(_Converted, timm_convnext.ConvNeXtBlock):
-    """timm's ConvNeXt block: ``shortcut(x) + gamma * mlp(norm(conv_dw(x)))``, gated."""
-
-    LIBRARY_CLASS, DROP_PATHS, GATES = timm_convnext.ConvNeXtBlock, ("drop_path",), ("drop_path",)
-    drop_path: StochasticDepth
-
-    def branch(self, x: Tensor) -> Tensor:
-        """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
-        x = self.conv_dw(x)
-        if self.use_conv_mlp:
-            x = self.mlp(self.norm(x))
-        else:
-            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        if self.gamma is not None:
-            x = x.mul(self.gamma.reshape(1, -1, 1, 1))
-        return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _gate_in_layout(self.drop_path, self.branch, x, self.shortcut(x))
-
-
 def _activate(act: nn.Module, x: Tensor, out: Tensor) -> Tensor:
     # A branch dropped for the whole batch hands back the shortcut itself; when that is x
     # (an identity shortcut), the previous layer's output that autograd may still need,
@@ -292,39 +232,108 @@ def _activate(act: nn.Module, x: Tensor, out: Tensor) -> Tensor:
     return act(out.clone() if out is x else out)
 
 
-class StochasticTimmBasicBlock(_Converted, timm_resnet.BasicBlock):
-    """timm's ResNet basic block: ``act2(shortcut + bn2(conv2(...)))``, the branch gated."""
+if timm_vit is not None:
 
-    LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.BasicBlock, ("drop_path",), ("drop_path",)
-    drop_path: StochasticDepth
+    class StochasticVisionTransformerBlock(_Converted, timm_vit.Block):
+        """timm's ViT block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``, each gated.
 
-    def branch(self, x: Tensor) -> Tensor:
-        """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        x = self.bn2(self.conv2(x))
-        return x if self.se is None else self.se(x)
+        ``x``: ``(N, tokens, C)``. ``attn_mask`` and ``is_causal`` go to the attention as in
+        timm. Raises ``ValueError`` for a mask with a batch dimension (4-D, first size > 1)
+        while training in a row mode: the branch then runs on the kept samples only, and
+        their rows of the mask are not known to it.
+        """
 
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return _activate(self.act2, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
+        LIBRARY_CLASS, DROP_PATHS, GATES = timm_vit.Block, ("drop_path1", "drop_path2"), ("drop_path1", "drop_path2")
+        drop_path1: StochasticDepth
+        drop_path2: StochasticDepth
+
+        def attention_branch(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+            """``(N, tokens, C) -> (N, tokens, C)``."""
+            return self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+
+        def mlp_branch(self, x: Tensor) -> Tensor:
+            """``(N, tokens, C) -> (N, tokens, C)``."""
+            return self.ls2(self.mlp(self.norm2(x)))
+
+        def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+            if attn_mask is None and not is_causal:
+                attention: Callable[[Tensor], Tensor] = self.attention_branch
+            else:
+                if (
+                    self.training
+                    and self.drop_path1.mode != "batch"
+                    and attn_mask is not None
+                    and attn_mask.dim() == 4
+                    and attn_mask.shape[0] > 1
+                ):
+                    raise ValueError(
+                        f"a per-sample attention mask (shape {tuple(attn_mask.shape)}) cannot be used while "
+                        f"training with mode={self.drop_path1.mode!r}, where the attention runs on the kept "
+                        "samples only: pass a mask that broadcasts over the batch (first size 1), or convert "
+                        "the model with mode='batch'"
+                    )
+
+                def attention(t: Tensor) -> Tensor:
+                    return self.attention_branch(t, attn_mask, is_causal)
+
+            x = self.drop_path1(attention, x, x)
+            return self.drop_path2(self.mlp_branch, x, x)
 
 
-class StochasticTimmBottleneck(_Converted, timm_resnet.Bottleneck):
-    """timm's ResNet bottleneck block: ``act3(shortcut + bn3(conv3(...)))``, the branch gated."""
+    class StochasticConvNeXtBlock(_Converted, timm_convnext.ConvNeXtBlock):
+        """timm's ConvNeXt block: ``shortcut(x) + gamma * mlp(norm(conv_dw(x)))``, gated."""
 
-    LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.Bottleneck, ("drop_path",), ("drop_path",)
-    drop_path: StochasticDepth
+        LIBRARY_CLASS, DROP_PATHS, GATES = timm_convnext.ConvNeXtBlock, ("drop_path",), ("drop_path",)
+        drop_path: StochasticDepth
 
-    def branch(self, x: Tensor) -> Tensor:
-        """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        x = self.bn3(self.conv3(x))
-        return x if self.se is None else self.se(x)
+        def branch(self, x: Tensor) -> Tensor:
+            """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+            x = self.conv_dw(x)
+            if self.use_conv_mlp:
+                x = self.mlp(self.norm(x))
+            else:
+                x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            if self.gamma is not None:
+                x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+            return x
 
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return _activate(self.act3, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
+        def forward(self, x: Tensor) -> Tensor:
+            return _gate_in_layout(self.drop_path, self.branch, x, self.shortcut(x))
+
+
+    class StochasticTimmBasicBlock(_Converted, timm_resnet.BasicBlock):
+        """timm's ResNet basic block: ``act2(shortcut + bn2(conv2(...)))``, the branch gated."""
+
+        LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.BasicBlock, ("drop_path",), ("drop_path",)
+        drop_path: StochasticDepth
+
+        def branch(self, x: Tensor) -> Tensor:
+            """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+            x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+            x = self.bn2(self.conv2(x))
+            return x if self.se is None else self.se(x)
+
+        def forward(self, x: Tensor) -> Tensor:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            return _activate(self.act2, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
+
+
+    class StochasticTimmBottleneck(_Converted, timm_resnet.Bottleneck):
+        """timm's ResNet bottleneck block: ``act3(shortcut + bn3(conv3(...)))``, the branch gated."""
+
+        LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.Bottleneck, ("drop_path",), ("drop_path",)
+        drop_path: StochasticDepth
+
+        def branch(self, x: Tensor) -> Tensor:
+            """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+            x = self.act1(self.bn1(self.conv1(x)))
+            x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+            x = self.bn3(self.conv3(x))
+            return x if self.se is None else self.se(x)
+
+        def forward(self, x: Tensor) -> Tensor:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            return _activate(self.act3, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
 
 
 _CONVERTED: tuple[type[_Converted], ...] = (
@@ -333,13 +342,17 @@ _CONVERTED: tuple[type[_Converted], ...] = (
     StochasticSwinTransformerBlockV2,
     StochasticMBConv,
     StochasticFusedMBConv,
-    StochasticVisionTransformerBlock,
-    StochasticConvNeXtBlock,
-    StochasticTimmBasicBlock,
-    StochasticTimmBottleneck,
 )
+_DROP_PATH_TYPES: tuple[type[nn.Module], ...] = (TorchvisionStochasticDepth,)
+if timm_vit is not None:
+    _CONVERTED += (
+        StochasticVisionTransformerBlock,
+        StochasticConvNeXtBlock,
+        StochasticTimmBasicBlock,
+        StochasticTimmBottleneck,
+    )
+    _DROP_PATH_TYPES += (DropPath,)
 _BY_LIBRARY_CLASS: dict[type[nn.Module], type[_Converted]] = {kind.LIBRARY_CLASS: kind for kind in _CONVERTED}
-_DROP_PATH_TYPES = (TorchvisionStochasticDepth, DropPath)
 
 
 def supported_blocks() -> list[str]:
@@ -361,7 +374,7 @@ def _drop_prob(block: nn.Module, block_name: str, attribute: str) -> float:
         return 1.0 - module.survival_prob
     if isinstance(module, TorchvisionStochasticDepth):
         return float(module.p)
-    if isinstance(module, DropPath):
+    if DropPath is not None and isinstance(module, DropPath):
         if not module.scale_by_keep:
             raise TypeError(
                 f"{block_name}.{attribute} is a DropPath with scale_by_keep=False, which scales the kept "

@@ -5,6 +5,7 @@ Every family is built small (a few blocks, 16-64 channels, 32x32 images) with ra
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import scipy.stats
@@ -511,3 +512,25 @@ def test_gates_start_in_the_mode_of_the_model_they_are_added_to():
     x = images(2)
     with torch.no_grad():
         assert torch.equal(resnet(x), resnet(x))  # no draws: the same output twice
+
+
+def test_without_timm_torchvision_models_are_still_converted(tmp_path):
+    # timm is optional: a user with torch and torchvision only converts ResNets and
+    # torchvision's blocks (a process where importing timm fails, as where it is not installed).
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['timm'] = None\n"
+        "import torch, torchvision\n"
+        "from resnet_with_stochastic_depth import add_stochastic_depth, stochastic_depth_gates\n"
+        "import library_blocks\n"
+        "resnet = add_stochastic_depth(torchvision.models.resnet18(num_classes=10), seed=0)\n"
+        "convnext = add_stochastic_depth(torchvision.models.convnext_tiny(stochastic_depth_prob=0.4), seed=0)\n"
+        "print(len(stochastic_depth_gates(resnet)), len(stochastic_depth_gates(convnext)),\n"
+        "      sorted(library_blocks.__all__) == sorted(n for n in library_blocks.__all__ if hasattr(library_blocks, n)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["8", "18", "True"]
