@@ -26,7 +26,7 @@ They use only the blocks' public attributes (``downsample``, ``stochastic_depth`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn

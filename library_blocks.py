@@ -548,7 +548,7 @@ def gate_flop_floor(
     ValueError
         Without gates, or with a number of fractions other than the number of gates.
     """
-    from resnet_with_stochastic_depth import _subset_size, stochastic_depth_gates
+    from resnet_with_stochastic_depth import _subset_size
 
     twin = copy.deepcopy(model).eval()
     for module in twin.modules():
