@@ -33,9 +33,9 @@ lab: venv
 	$(VENV)/bin/jupyter lab stochastic_depth.ipynb
 
 benchmark: venv
-	$(PY) benchmarks/bench_training_step.py
-	$(PY) benchmarks/bench_sampler.py
-	$(PY) benchmarks/bench_ddp.py
+	$(PY) -m benchmarks.bench_training_step
+	$(PY) -m benchmarks.bench_sampler
+	$(PY) -m benchmarks.bench_ddp
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mnist
+from mnist import LabelledImages
 
 __all__ = [
     "DATASETS",
     "DatasetUnavailableError",
+    "LabelledImages",
     "Preprocess",
     "Splits",
     "load_splits",
@@ -61,9 +63,9 @@ class DatasetUnavailableError(FileNotFoundError):
 class Splits:
     """Train, validation and test images and labels of one dataset (CPU tensors, NCHW)."""
 
-    train: mnist.Split
-    val: mnist.Split
-    test: mnist.Split
+    train: LabelledImages
+    val: LabelledImages
+    test: LabelledImages
     num_classes: int
 
 
@@ -129,7 +131,7 @@ def load_splits(
     return Splits(train, val, test, _NUM_CLASSES[name])
 
 
-def _torchvision_split(name: str, root: Path, split: str, download: bool) -> mnist.Split:
+def _torchvision_split(name: str, root: Path, split: str, download: bool) -> LabelledImages:
     """One split of a torchvision dataset as uint8 NCHW images and int64 labels."""
     import torchvision  # slow to import; only these datasets need it
 
@@ -158,18 +160,18 @@ def _torchvision_split(name: str, root: Path, split: str, download: bool) -> mni
         images, labels = torch.from_numpy(dataset.data), torch.as_tensor(dataset.labels)
     else:
         images, labels = torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.as_tensor(dataset.targets)
-    return mnist.Split(images.contiguous(), labels.long())
+    return LabelledImages(images.contiguous(), labels.long())
 
 
-def _random_split(pool: mnist.Split, val_size: int, generator: torch.Generator) -> tuple[mnist.Split, mnist.Split]:
+def _random_split(pool: LabelledImages, val_size: int, generator: torch.Generator) -> tuple[LabelledImages, LabelledImages]:
     if not 0 <= val_size < len(pool.labels):
         raise ValueError(f"val_size must be in [0, {len(pool.labels)}) for this training set, got {val_size}")
     order = torch.randperm(len(pool.labels), generator=generator)
     val, train = order[:val_size], order[val_size:]
-    return mnist.Split(pool.images[train], pool.labels[train]), mnist.Split(pool.images[val], pool.labels[val])
+    return LabelledImages(pool.images[train], pool.labels[train]), LabelledImages(pool.images[val], pool.labels[val])
 
 
-def _per_class_split(pool: mnist.Split, per_class: int, generator: torch.Generator) -> tuple[mnist.Split, mnist.Split]:
+def _per_class_split(pool: LabelledImages, per_class: int, generator: torch.Generator) -> tuple[LabelledImages, LabelledImages]:
     """``per_class`` random images of every class for validation, the rest for training."""
     val_indices = []
     for label in pool.labels.unique():
@@ -180,11 +182,11 @@ def _per_class_split(pool: mnist.Split, per_class: int, generator: torch.Generat
     val = torch.cat(val_indices)
     is_train = torch.ones(len(pool.labels), dtype=torch.bool)
     is_train[val] = False
-    return mnist.Split(pool.images[is_train], pool.labels[is_train]), mnist.Split(pool.images[val], pool.labels[val])
+    return LabelledImages(pool.images[is_train], pool.labels[is_train]), LabelledImages(pool.images[val], pool.labels[val])
 
 
-def _concat(a: mnist.Split, b: mnist.Split) -> mnist.Split:
-    return mnist.Split(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]))
+def _concat(a: LabelledImages, b: LabelledImages) -> LabelledImages:
+    return LabelledImages(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]))
 
 
 def random_translate_flip(images: Tensor, max_shift: int, flip: bool, generator: torch.Generator) -> Tensor:
@@ -265,7 +267,7 @@ class Preprocess:
         return images
 
 
-def normalisation(train: mnist.Split) -> tuple[Tensor, float]:
+def normalisation(train: LabelledImages) -> tuple[Tensor, float]:
     """The paper's normalisation constants: the training split's mean image and overall std."""
     total = torch.zeros(train.images.shape[1:], dtype=torch.float64)
     total_of_squares = 0.0

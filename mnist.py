@@ -18,7 +18,7 @@ import torch
 
 __all__ = [
     "DatasetFileError",
-    "Split",
+    "LabelledImages",
     "load_fashion_mnist",
     "load_mnist",
     "read_idx",
@@ -62,15 +62,16 @@ class DatasetFileError(ValueError):
         self.problem = problem
 
 
-class Split(NamedTuple):
-    """One split of an image classification dataset, held in memory.
+class LabelledImages(NamedTuple):
+    """Images and their class labels, held in memory: one split of a classification dataset.
 
     Attributes
     ----------
     images : torch.Tensor
-        float32, shape (N, 1, 28, 28), pixel values scaled from 0..255 to [0, 1].
+        float32, shape (N, C, H, W), pixel values scaled from 0..255 to [0, 1] (MNIST and
+        Fashion-MNIST: (N, 1, 28, 28); CIFAR and SVHN from ``image_data``: (N, 3, 32, 32)).
     labels : torch.Tensor
-        int64, shape (N,), class indices 0..9.
+        int64, shape (N,), class indices 0..classes-1.
     """
 
     images: torch.Tensor
@@ -139,7 +140,7 @@ def read_idx(
     return torch.from_numpy(array.astype(dtype.newbyteorder("=")))
 
 
-def load_mnist(root: str | Path | None = None, *, download: bool = False) -> tuple[Split, Split]:
+def load_mnist(root: str | Path | None = None, *, download: bool = False) -> tuple[LabelledImages, LabelledImages]:
     """Load MNIST's training and test sets, checking every file's SHA-256.
 
     Parameters
@@ -154,7 +155,7 @@ def load_mnist(root: str | Path | None = None, *, download: bool = False) -> tup
 
     Returns
     -------
-    (train, test) : tuple of Split
+    (train, test) : tuple of LabelledImages
         60,000 and 10,000 images as float32 (N, 1, 28, 28) in [0, 1], labels as int64 (N,).
     """
     return _load_idx_dataset(VENDORED_MNIST if root is None else root, "MNIST", _MNIST_SHA256, download)
@@ -162,7 +163,7 @@ def load_mnist(root: str | Path | None = None, *, download: bool = False) -> tup
 
 def load_fashion_mnist(
     root: str | Path = DEBIAN_FASHION_MNIST, *, download: bool = False
-) -> tuple[Split, Split]:
+) -> tuple[LabelledImages, LabelledImages]:
     """Load Fashion-MNIST, the harder drop-in replacement for MNIST (Zalando, MIT license).
 
     The files are checked for their IDX headers, shapes and sizes; Fashion-MNIST publishes
@@ -179,7 +180,7 @@ def load_fashion_mnist(
 
     Returns
     -------
-    (train, test) : tuple of Split
+    (train, test) : tuple of LabelledImages
         Same format as :func:`load_mnist`.
     """
     return _load_idx_dataset(root, "FashionMNIST", {}, download)
@@ -187,7 +188,7 @@ def load_fashion_mnist(
 
 def _load_idx_dataset(
     root: str | Path, torchvision_name: str, sha256: dict[str, str], download: bool
-) -> tuple[Split, Split]:
+) -> tuple[LabelledImages, LabelledImages]:
     root = Path(root)
     paths = _find_files(root, torchvision_name)
     if download and len(paths) < len(_SHAPES):
@@ -217,7 +218,7 @@ def _find_files(root: Path, torchvision_name: str) -> dict[str, Path]:
     return found
 
 
-def _make_split(arrays: dict[str, torch.Tensor], paths: dict[str, Path], prefix: str) -> Split:
+def _make_split(arrays: dict[str, torch.Tensor], paths: dict[str, Path], prefix: str) -> LabelledImages:
     images_name, labels_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
     for name in (images_name, labels_name):
         if arrays[name].dtype != torch.uint8:
@@ -225,4 +226,4 @@ def _make_split(arrays: dict[str, torch.Tensor], paths: dict[str, Path], prefix:
     images, labels = arrays[images_name], arrays[labels_name]
     if labels.max() > 9:
         raise DatasetFileError(paths[labels_name], f"label {labels.max().item()} outside 0..9")
-    return Split(images.unsqueeze(1).float().div_(255), labels.long())
+    return LabelledImages(images.unsqueeze(1).float().div_(255), labels.long())

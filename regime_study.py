@@ -38,7 +38,7 @@ import torch
 import compare_runs
 import image_data
 import train
-from evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
+from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
 from study import _write_json_atomically, paired_difference
 
 # Training images used to re-estimate BatchNorm statistics and to measure the training error of the
@@ -62,7 +62,7 @@ def load_trained(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], A
     args = argparse.Namespace(**config)
     splits = image_data.load_splits(args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, download=False)
     if args.train_subset is not None:
-        splits.train = image_data.mnist.Split(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
+        splits.train = image_data.LabelledImages(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
     if args.image_size is not None:
         splits.train, splits.test = (train.resize_split(s, args.image_size) for s in (splits.train, splits.test))
     mean_image, std = image_data.normalisation(splits.train)
@@ -82,7 +82,7 @@ def _error(model: torch.nn.Module, split: Any, preprocess: Any, limit: int | Non
     does not count the time other processes of a shared machine take.
     """
     if limit is not None:
-        split = image_data.mnist.Split(split.images[:limit], split.labels[:limit])
+        split = image_data.LabelledImages(split.images[:limit], split.labels[:limit])
     args = argparse.Namespace(eval_batch_size=1000)
     start = time.process_time()
     _, error = train.evaluate(model, split, preprocess, args, train.Processes(), nullcontext())
@@ -129,7 +129,7 @@ def evaluate_run(folder: str | Path, *, curve: bool = False) -> dict[str, Any]:
     if curve:
         blocks = len(residual_blocks(model))
         removed = sorted({0, *(round(f * blocks) for f in (0.125, 0.25, 0.375, 0.5))})
-        test = image_data.mnist.Split(data.test.images[:CURVE_TEST_IMAGES], data.test.labels[:CURVE_TEST_IMAGES])
+        test = image_data.LabelledImages(data.test.images[:CURVE_TEST_IMAGES], data.test.labels[:CURVE_TEST_IMAGES])
         _write_json_atomically(folder / "depth_curve.json", depth_curve(model, test, data.preprocess, removed, CURVE_DRAWS, config["seed"]))
     recompute_batchnorm_statistics(model, stats_images)
     result["test_error_bn"], _ = _error(model, data.test, data.preprocess)

@@ -28,16 +28,14 @@ Public API
 ``add_stochastic_depth``
     Turns a torchvision ResNet (or a ``ResNet`` from here) into a stochastic one,
     keeping its weights; also torchvision's ConvNeXt, Swin and EfficientNet and timm's
-    ViT, ConvNeXt and ResNet, whose blocks ``library_blocks`` converts.
-``compile_branches``
-    Regional compilation: ``torch.compile`` the residual branches, gates left eager.
+    ViT, ConvNeXt and ResNet, whose blocks ``stochastic_depth.library_blocks`` converts.
 ``linear_drop_warmup``
     The drop warm-up schedule of ``StochasticDepthState.drop_scale``.
-``training_flop_floor``
-    The fraction of a plain training step's FLOPs that stochastic depth still computes.
-``training_operator_count``
-    The operators of a training step on the device (GPU kernel launches) and on the
-    host, which bound a small network's step on a GPU.
+
+Tools around these models live in the package ``stochastic_depth``, installed with this
+module: ``compilation`` (``compile_branches``: regional ``torch.compile``), ``counting``
+(FLOP floors and operator counts), ``library_blocks`` (torchvision's and timm's blocks)
+and ``evaluation_network`` (evaluating with a subset of the blocks).
 
 How drops are drawn (the rule to check new code against)
 --------------------------------------------------------
@@ -53,13 +51,11 @@ is communicated.
 from __future__ import annotations
 
 import collections
-import copy
 import functools
 import hashlib
 import math
 import operator
 import struct
-import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Self
@@ -68,9 +64,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode  # what FlopCounterMode is built on
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet as tv_resnet
 
 __all__ = [
@@ -83,15 +76,12 @@ __all__ = [
     "StochasticDepthState",
     "StochasticResNet",
     "add_stochastic_depth",
-    "compile_branches",
     "draw_decision",
     "key_seed",
     "linear_drop_warmup",
     "set_step",
     "stochastic_depth_gates",
     "stochastic_depth_state",
-    "training_flop_floor",
-    "training_operator_count",
     "survival_probabilities",
 ]
 
@@ -731,7 +721,7 @@ class AvgPoolZeroPad(nn.Module):
 class _ResidualBlock(nn.Module):
     """``relu(shortcut(x) + branch(x))``, with an optional stochastic-depth gate."""
 
-    # Set by compile_branches: torch.compile of the class's `branch`, called with the block,
+    # Set by stochastic_depth.compilation.compile_branches: torch.compile of the class's `branch`, called with the block,
     # and the options it was compiled with (what a pickled or copied block compiles again with).
     compiled_branch = None
     compile_options = None
@@ -749,7 +739,9 @@ class _ResidualBlock(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if self.compile_options is not None:
-            _compile_branch(self, self.compile_options)
+            from stochastic_depth.compilation import compile_branch  # (it imports this module)
+
+            compile_branch(self, self.compile_options)
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script calls this on every submodule before compiling it.
@@ -1147,7 +1139,7 @@ def add_stochastic_depth(
         When the model has no block to convert, or holds a drop-path module in a block
         that is not supported (before anything is changed).
     """
-    from library_blocks import BlockConversion, library_block_conversions  # (it imports this module)
+    from stochastic_depth.library_blocks import BlockConversion, library_block_conversions  # (it imports this module)
 
     # Check everything before changing the model, so that a bad argument leaves it as it was.
     if mode is not None:
@@ -1197,148 +1189,3 @@ def stochastic_depth_state(model: nn.Module) -> StochasticDepthState | None:
     """The :class:`StochasticDepthState` of `model`'s gates, or None if it has none."""
     gates = stochastic_depth_gates(model)
     return StochasticDepthState(gates) if gates else None
-
-
-def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
-    """Regional compilation: ``torch.compile`` each residual branch, leaving the gates eager.
-
-    Compiling the whole model makes every gate a graph break and gives dynamo one frame
-    per block, which reaches its recompile limit in a deep network and runs the rest
-    eagerly. Here only the branches (convolutions, BatchNorms, ReLUs) are compiled, and
-    blocks whose branches have the same layers (same class, channels and stride) share
-    one compiled function, also across models (a ``ResNet`` and its stochastic twin): a ResNet-110 compiles 5 branches, a ResNet-152 8, each with
-    its own dynamo cache, so no recompile limit is reached (dynamo's limit counts the
-    variants of one function, and parameter shapes are always specialised). The
-    decisions, the gathering of kept samples and the shortcut addition run eagerly in
-    between; dropped blocks are still skipped. The model can still be pickled whole
-    (``torch.save(model, f)``) and deep-copied (an EMA copy): a block keeps the options
-    and compiles its branch again when it is loaded or copied.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A network with this module's residual blocks (a ``ResNet``, a ``StochasticResNet``
-        or a model given ``add_stochastic_depth``), changed in place.
-    **options
-        Passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
-
-    Returns
-    -------
-    torch.nn.Module
-        ``model`` itself.
-    """
-    blocks = [m for m in model.modules() if isinstance(m, _ResidualBlock)]
-    if not blocks:
-        raise TypeError(f"{type(model).__name__} has no residual blocks of this module to compile")
-    for block in blocks:
-        _compile_branch(block, options)
-    return model
-
-
-def _compile_branch(block: _ResidualBlock, options: Mapping[str, Any]) -> None:
-    layers = tuple(repr(m) for name, m in block.named_children() if name not in ("downsample", "stochastic_depth"))
-    key = (type(block).__qualname__, *layers, repr(sorted(options.items())))
-    if key not in _COMPILED_BRANCHES:
-        _COMPILED_BRANCHES[key] = torch.compile(_branch_function(type(block), len(_COMPILED_BRANCHES)), **options)
-    block.compiled_branch, block.compile_options = _COMPILED_BRANCHES[key], dict(options)
-
-
-# Compiled branches by block class, layers and options: models of the same shapes (a ResNet
-# and its stochastic twin, a deepcopy) share them, and each is compiled once per process.
-_COMPILED_BRANCHES: dict[tuple[str, ...], Callable[[_ResidualBlock, Tensor], Tensor]] = {}
-
-
-def _branch_function(kind: type[_ResidualBlock], index: int) -> Callable[[_ResidualBlock, Tensor], Tensor]:
-    """``kind.branch`` as a new function with its own code object, hence its own dynamo cache."""
-    function = kind.branch
-    code = function.__code__.replace(co_name=f"{function.__name__}_{index}")
-    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
-
-
-def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabilities: Sequence[float]) -> dict[str, float]:
-    """Expected fraction of a plain training step's FLOPs that stochastic depth still computes.
-
-    Counts the forward and backward FLOPs of one cross-entropy training step of `model`
-    (a plain ``ResNet``, or a stochastic one in eval mode) with ``torch.utils.flop_counter``.
-    A block's skippable work is its branch, everything but its projection shortcut; the
-    stem, the shortcuts and the classifier always run. The floor is
-    ``(fixed + sum p_l work_l) / (fixed + sum work_l)``: the step-time ratio that skipping
-    dropped blocks can reach when time follows FLOPs.
-
-    Parameters
-    ----------
-    model : ResNet
-        The network to count; its gradients are left set by the counted step.
-    images, labels : torch.Tensor
-        One batch, on the model's device.
-    probabilities : sequence of float
-        ``p_l`` for each residual block of `model`, in forward order.
-
-    Returns
-    -------
-    dict
-        ``total_gflop`` (a plain step), ``fixed_gflop`` (work no block can skip) and
-        ``floor`` (the expected fraction).
-    """
-    blocks = model.blocks
-    if len(probabilities) != len(blocks):
-        raise ValueError(f"expected {len(blocks)} survival probabilities, one per block, got {len(probabilities)}")
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(images), labels).backward()
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
-    root = type(model).__name__
-    names = [f"{root}.{name}" for name, m in model.named_modules() if m in blocks]
-    block_work = [counts.get(n, 0) - counts.get(n + ".downsample", 0) for n in names]
-    fixed = total - sum(block_work)
-    expected = fixed + sum(p * w for p, w in zip(probabilities, block_work))
-    return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}
-
-
-class _OperatorCounter(TorchDispatchMode):
-    """Counts the ATen operators run under it, views left out (they launch no kernel):
-    those that touch a tensor on the meta device, and the others."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_device = self.on_host = 0
-
-    def __torch_dispatch__(self, func, _types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            if any(isinstance(t, Tensor) and t.is_meta for t in tree_leaves((args, kwargs, out))):
-                self.on_device += 1
-            else:
-                self.on_host += 1
-        return out
-
-
-def training_operator_count(model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, int]:
-    """Operators of one cross-entropy training step of `model`, on its device and on the host.
-
-    Counted on a copy of `model` on PyTorch's meta device, which computes shapes and no
-    arithmetic: an operator on a meta tensor stands for one on the model's device (at
-    least one kernel launch on a GPU); the others run on the CPU whatever the device (the
-    gates' random draws, reading a decision). Where a GPU step is bound by kernel launches
-    rather than arithmetic (ResNet-50 on 28x28 images on an H100 is), its time follows
-    these counts, not the FLOPs. The step starts without gradients, as after
-    ``zero_grad()``; views are not counted; the optimizer step is left out. `model`
-    itself, its generator and gradients included, is left as it was.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The network, in the mode to count (training, for drops).
-    images, labels : torch.Tensor
-        One batch (only their shapes and dtypes are used).
-
-    Returns
-    -------
-    dict
-        ``device``: operators on the model's device; ``host``: operators on the CPU.
-    """
-    twin, images, labels = copy.deepcopy(model).to("meta"), images.to("meta"), labels.to("meta")
-    twin.zero_grad(set_to_none=True)  # as a training loop does: no accumulation into old gradients
-    with _OperatorCounter() as counter:
-        F.cross_entropy(twin(images), labels).backward()
-    return {"device": counter.on_device, "host": counter.on_host}

@@ -28,7 +28,7 @@ import os
 import platform
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,9 +41,10 @@ from scipy import optimize, stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from mnist import Split, load_fashion_mnist, load_mnist
-from evaluation_network import keep_blocks
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, training_flop_floor
+from mnist import LabelledImages, load_fashion_mnist, load_mnist
+from resnet_with_stochastic_depth import ResNet, StochasticResNet
+from stochastic_depth.counting import training_flop_floor
+from stochastic_depth.evaluation_network import keep_blocks
 from training import pick_device, train_lockstep
 
 __all__ = [
@@ -264,7 +265,7 @@ def run_seed(
     device = pick_device(device)
     train, test = LOADERS[settings.dataset]()
     if settings.eval_samples is not None:
-        test_eval = Split(test.images[: settings.eval_samples], test.labels[: settings.eval_samples])
+        test_eval = LabelledImages(test.images[: settings.eval_samples], test.labels[: settings.eval_samples])
     else:
         test_eval = test
     models = settings.build_models(seed)
@@ -337,7 +338,7 @@ def _predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch
     return torch.cat(probabilities)
 
 
-def _evaluate(model: nn.Module, split: Split, device: torch.device) -> dict[str, float]:
+def _evaluate(model: nn.Module, split: LabelledImages, device: torch.device) -> dict[str, float]:
     probabilities = _predict(model, split.images, device)
     return {
         "accuracy": _accuracy(probabilities, split.labels),
@@ -349,7 +350,7 @@ def _accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     return (probabilities.argmax(dim=1) == labels).float().mean().item()
 
 
-def _sample_subnetworks(model: StochasticResNet, split: Split, k: int, seed: int, device: torch.device) -> dict:
+def _sample_subnetworks(model: StochasticResNet, split: LabelledImages, k: int, seed: int, device: torch.device) -> dict:
     """Whole-test accuracy of the p_l-scaled network, of K sampled sub-networks and of their average."""
     scaled = _predict(model, split.images, device)
     probabilities = torch.tensor(model.survival_probabilities)

@@ -283,10 +283,10 @@ class warmup_lr:
                 group["lr"] = lr
 
 
-def resize_split(split: image_data.mnist.Split, size: int) -> image_data.mnist.Split:
+def resize_split(split: image_data.LabelledImages, size: int) -> image_data.LabelledImages:
     """`split` with its (N, C, H, W) images resized to (N, C, size, size) float32 (bilinear, antialiased)."""
     images = F.interpolate(split.images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return image_data.mnist.Split(images, split.labels)
+    return image_data.LabelledImages(images, split.labels)
 
 
 def prepare_gradients(model: nn.Module, dropped_update: str) -> bool:
@@ -330,7 +330,7 @@ def training_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: image_data.mnist.Split, preprocess: image_data.Preprocess, args: argparse.Namespace,
+    model: nn.Module, split: image_data.LabelledImages, preprocess: image_data.Preprocess, args: argparse.Namespace,
     processes: Processes, autocast: Any,
 ) -> tuple[float, float]:
     """Mean cross-entropy and error rate on `split`; each process evaluates its share."""
@@ -457,13 +457,13 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
     if processes.local_rank == 0:
         processes.barrier()
     if args.train_subset is not None:  # the split is random, so the first images are a random subset
-        splits.train = image_data.mnist.Split(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
+        splits.train = image_data.LabelledImages(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
     if args.image_size is not None:
         splits.train, splits.val, splits.test = (resize_split(s, args.image_size) for s in (splits.train, splits.val, splits.test))
     mean_image, std = image_data.normalisation(splits.train)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     preprocess = image_data.Preprocess(mean_image, std, args.augmentation, channels_last)
-    val, test = (image_data.mnist.Split(s.images.to(device), s.labels.to(device)) for s in (splits.val, splits.test))
+    val, test = (image_data.LabelledImages(s.images.to(device), s.labels.to(device)) for s in (splits.val, splits.test))
     # Every process draws the same global batches and takes its share (rank::world_size).
     batches = BatchSampler(splits.train.images, splits.train.labels, args.batch_size, seed=args.seed, device=device)
     steps_per_epoch = batches.batches_per_epoch

@@ -19,15 +19,16 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mnist import Split
-from resnet_with_stochastic_depth import StochasticDepthState, linear_drop_warmup, stochastic_depth_state
+from mnist import LabelledImages
+from resnet_with_stochastic_depth import ResNet, StochasticDepthState, StochasticResNet, linear_drop_warmup, stochastic_depth_state
+from stochastic_depth.evaluation_network import evaluation_mode
 
 __all__ = [
     "METRICS",
@@ -35,14 +36,42 @@ __all__ = [
     "CheckpointError",
     "History",
     "NonFiniteLossError",
+    "build_resnet",
+    "evaluate",
     "pick_device",
+    "predict",
     "save_atomically",
+    "synchronize",
     "train_lockstep",
+    "write_atomically",
+    "write_json_atomically",
 ]
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "step_time")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def build_resnet(
+    layout: Literal["cifar", "imagenet"],
+    depth: int,
+    *,
+    seed: int,
+    stochastic: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> ResNet:
+    """``ResNet.<layout>(depth)``, or a ``StochasticResNet`` given its options in `stochastic`.
+
+    The initial weights depend only on `seed` (and the architecture): a plain network and
+    stochastic ones built with the same seed start from identical weights, which is how every
+    comparison here is built. `options` go to both (``in_channels``, ``num_classes``,
+    ``shortcut``); `stochastic` holds the ``StochasticResNet`` options (``p_last``, ``mode``,
+    ``survival_rule``, ``seed`` of its draws). Seeds torch's global RNG.
+    """
+    torch.manual_seed(seed)
+    if stochastic is None:
+        return getattr(ResNet, layout)(depth, **options)
+    return getattr(StochasticResNet, layout)(depth, **options, **stochastic)
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -269,8 +298,8 @@ class CheckpointError(RuntimeError):
 
 def train_lockstep(
     models: Mapping[str, nn.Module],
-    train: Split,
-    test: Split,
+    train: LabelledImages,
+    test: LabelledImages,
     iterations: int,
     batch_size: int,
     *,
@@ -301,7 +330,7 @@ def train_lockstep(
         initialisation must repeat. A model with stochastic depth (a ``StochasticResNet`` or
         a model given ``add_stochastic_depth``) has its ``StochasticDepthState`` (seed, pass
         counts and drop warm-up scale) checkpointed and restored too.
-    train, test : Split
+    train, test : LabelledImages
         Training and test data, as returned by ``load_mnist``; copied to `device` once.
     iterations : int
         Total number of iterations, counting those done before a resumed checkpoint
@@ -388,7 +417,7 @@ def train_lockstep(
         for iteration in range(done + 1, iterations + 1):
             try:
                 images, labels = train_batches.next_batch()
-                test_images, test_labels = test_batches.next_batch()
+                test_split = LabelledImages(*test_batches.next_batch())
                 if drop_warmup_steps:
                     for state in drop_states.values():
                         state.drop_scale = linear_drop_warmup(iteration - 1, drop_warmup_steps)
@@ -409,7 +438,7 @@ def train_lockstep(
                 for name, optimizer in optimizers.items():
                     record[name]["step_time"] += _optimizer_step(optimizer, device)
                 for name, model in models.items():
-                    record[name]["test_loss"], record[name]["test_acc"] = _evaluate(model, test_images, test_labels)
+                    record[name]["test_loss"], record[name]["test_acc"] = evaluate(model, test_split)
             except KeyboardInterrupt:
                 # Not deferred (not the main thread, or a second Ctrl-C): the iteration is half
                 # done, so drop it, and keep the last checkpoint rather than saving this state.
@@ -501,13 +530,53 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, device: torch.device) -> f
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    output = model(images)
-    model.train()
-    loss = F.cross_entropy(output, labels)
-    accuracy = (output.argmax(dim=1) == labels).float().mean()
-    return loss.item(), accuracy.item()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int | None = None,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> torch.Tensor:
+    """Logits of `model` in eval mode: every block runs, each residual scaled by ``p_l``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The classifier; each of its modules has its own mode back afterwards.
+    images : torch.Tensor
+        Shape (N, C, H, W), on any device: each batch is moved to the model's.
+    batch_size : int, optional
+        Images per forward pass (all at once by default).
+    preprocess : callable, optional
+        Applied to each batch on the model's device (normalisation, resizing).
+    autocast : context manager, optional
+        Entered around each forward pass (``torch.autocast``).
+
+    Returns
+    -------
+    torch.Tensor
+        Shape (N, classes), on the model's device, in the dtype the model computes in.
+    """
+    device = next(model.parameters()).device
+    batches = images.split(batch_size) if batch_size else (images,)
+    logits = []
+    with evaluation_mode(model):
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
+            with autocast if autocast is not None else contextlib.nullcontext():
+                logits.append(model(preprocess(batch) if preprocess is not None else batch))
+    return torch.cat(logits)
+
+
+def evaluate(model: nn.Module, split: LabelledImages, **options: Any) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (fraction correct) of `model` on `split`, in eval mode.
+
+    `options` are :func:`predict`'s (batch size, preprocessing, autocast).
+    """
+    logits = predict(model, split.images, **options).float()
+    labels = split.labels.to(logits.device)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(dim=1) == labels).float().mean().item()
 
 
 def synchronize(device: torch.device) -> None:
@@ -584,14 +653,27 @@ def _save_checkpoint(
     save_atomically(checkpoint, path)
 
 
-def save_atomically(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to `path` through a file beside it and a rename.
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(partial)`` on a file beside `path`, then rename that file to `path`.
 
-    A crash or a full disk while saving leaves the previous file at `path` whole.
+    A crash or a full disk while writing leaves the previous file at `path` whole, and a
+    reader (a notebook polling results) never sees half a file.
     """
-    partial = Path(f"{path}.partial")
-    torch.save(obj, partial)
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
     os.replace(partial, path)
+
+
+def save_atomically(obj: Any, path: str | Path) -> None:
+    """``torch.save`` `obj` to `path` with :func:`write_atomically`."""
+    write_atomically(path, functools.partial(torch.save, obj))
+
+
+def write_json_atomically(path: str | Path, value: Any, **dumps_options: Any) -> None:
+    """`value` as JSON in `path` with :func:`write_atomically` (`dumps_options` go to ``json.dumps``)."""
+    text = json.dumps(value, **dumps_options)
+    write_atomically(path, lambda partial: partial.write_text(text))
 
 
 def _load_checkpoint(

@@ -2,7 +2,7 @@
 
 The code lives in modules named for what they hold:
 
-- :mod:`mnist`: ``load_mnist``, ``load_fashion_mnist``, ``read_idx``, ``Split``, ``DatasetFileError``
+- :mod:`mnist`: ``load_mnist``, ``load_fashion_mnist``, ``read_idx``, ``LabelledImages``, ``DatasetFileError``
 - :mod:`training`: ``train_lockstep``, ``BatchSampler``, ``History``, ``NonFiniteLossError``, ``CheckpointError``, ``pick_device``
 - :mod:`plotting`: ``draw``, ``draw_runs``, ``ewm_mean``
 
@@ -16,7 +16,7 @@ Typical use::
                history["Stochastic"]["test_acc"], "Stochastic", window=20, type_data="accuracy")
 """
 
-from mnist import DatasetFileError, Split, load_fashion_mnist, load_mnist, read_idx
+from mnist import DatasetFileError, LabelledImages, load_fashion_mnist, load_mnist, read_idx
 from plotting import draw, draw_runs, ewm_mean
 from training import METRICS, BatchSampler, CheckpointError, History, NonFiniteLossError, pick_device, train_lockstep
 
@@ -27,7 +27,7 @@ __all__ = [
     "DatasetFileError",
     "History",
     "NonFiniteLossError",
-    "Split",
+    "LabelledImages",
     "draw",
     "draw_runs",
     "ewm_mean",

@@ -12,7 +12,7 @@ one built first pays).
 
 Usage::
 
-    python benchmarks/bench_compile.py [--device cpu] [--networks resnet20] [--batch-size 32]
+    python -m benchmarks.bench_compile [--device cpu] [--networks resnet20] [--batch-size 32]
         [--rounds 10] [--warmup 3] [--clock process --threads 1] [--out benchmarks/results/compile.json]
         [--drop-mode row_subset] [--compile-mode reduce-overhead]
 """
@@ -24,15 +24,14 @@ import json
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, compile_branches  # noqa: E402
+from resnet_with_stochastic_depth import ResNet, StochasticResNet
+from stochastic_depth.compilation import compile_branches
 
 # name: (how to build it from a class, input shape of one sample)
 NETWORKS = {

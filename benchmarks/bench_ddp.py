@@ -15,7 +15,7 @@ communication if DDP left them out.
 
 Usage::
 
-    python benchmarks/bench_ddp.py [--depth 20] [--batch-size 32] [--rounds 15] [--device cpu]
+    python -m benchmarks.bench_ddp [--depth 20] [--batch-size 32] [--rounds 15] [--device cpu]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -35,9 +34,9 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from resnet_with_stochastic_depth import ResNet, StochasticResNet
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from resnet_with_stochastic_depth import ResNet, StochasticResNet  # noqa: E402
 
 VARIANTS = ("plain, find_unused=False", "plain, find_unused=True", "stochastic, find_unused=True")
 

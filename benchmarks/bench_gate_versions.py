@@ -10,7 +10,7 @@ depends on which blocks the timed steps dropped (the mean number of active block
 
 Usage::
 
-    python benchmarks/bench_gate_versions.py --previous /tmp/previous/resnet_with_stochastic_depth.py \
+    python -m benchmarks.bench_gate_versions --previous /tmp/previous/resnet_with_stochastic_depth.py \
         [--batch-size 128] [--image 1x28] [--rounds 12] [--p-last 1.0]
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bench_training_step import parse_image, time_steps  # (puts the repository on sys.path)
-import resnet_with_stochastic_depth as current  # noqa: E402
+from benchmarks.bench_training_step import parse_image, time_steps
+import resnet_with_stochastic_depth as current
 
 
 def main() -> None:

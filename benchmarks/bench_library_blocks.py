@@ -19,7 +19,7 @@ memory.
 
 Usage::
 
-    python benchmarks/bench_library_blocks.py [--batch-size 32] [--image-size 64]
+    python -m benchmarks.bench_library_blocks [--batch-size 32] [--image-size 64]
         [--rates 0.4 0.1] [--rounds 7] [--clock process --threads 1]
 """
 
@@ -36,11 +36,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training_step import time_steps  # noqa: E402
-from library_blocks import gate_flop_floor  # noqa: E402
-from resnet_with_stochastic_depth import DROP_MODES, add_stochastic_depth  # noqa: E402
+from benchmarks.bench_training_step import time_steps
+from stochastic_depth.counting import gate_flop_floor
+from resnet_with_stochastic_depth import DROP_MODES, add_stochastic_depth
 
 MASKING = "unconverted (masking drop path)"
 FIXED = "converted, every branch dropped"

@@ -11,7 +11,7 @@ branch's layers running less efficiently on k < B samples.
 
 Usage::
 
-    python benchmarks/bench_row_subset_overhead.py [--batch-size 32] [--image 3x56] [--rounds 15]
+    python -m benchmarks.bench_row_subset_overhead [--batch-size 32] [--image 3x56] [--rounds 15]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench_training_step import flop_floors, parse_image, time_steps
+from benchmarks.bench_training_step import flop_floors, parse_image, time_steps
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, _subset_size, stochastic_depth_gates
 
 

@@ -4,7 +4,7 @@ Reads only the vendored files (torchvision's ``MNIST/raw`` layout is built in a 
 folder from them), prints a table and writes it as JSON. For scale it also times one
 training step (forward, backward, Adam) of a small CNN on the same batch size.
 
-    .venv/bin/python benchmarks/bench_sampler.py [--device cpu] [--seconds 2] [--out PATH]
+    .venv/bin/python -m benchmarks.bench_sampler [--device cpu] [--seconds 2] [--out PATH]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,9 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
-from mnist import VENDORED_MNIST  # noqa: E402
+import utils
+from mnist import VENDORED_MNIST
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 

@@ -17,7 +17,7 @@ them rather than by FLOPs.
 
 Usage::
 
-    python benchmarks/bench_training_step.py [--device cpu] [--batch-size 128] [--rounds 15]
+    python -m benchmarks.bench_training_step [--device cpu] [--batch-size 128] [--rounds 15]
         [--clock process --threads 1]   # CPU time: for a CPU shared with other jobs
 """
 
@@ -28,7 +28,6 @@ import json
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -37,15 +36,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from resnet_with_stochastic_depth import (  # noqa: E402
+from resnet_with_stochastic_depth import (
     ResNet,
     StochasticResNet,
     stochastic_depth_gates,
     survival_probabilities,
-    training_flop_floor,
-    training_operator_count,
 )
+from stochastic_depth.counting import training_flop_floor, training_operator_count
 
 PLAIN = "ResNet-50 (plain)"
 BLOCK = "StochasticResNet, batch mode"

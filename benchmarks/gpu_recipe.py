@@ -17,8 +17,8 @@ records its error and the next one runs):
 
 Usage::
 
-    python benchmarks/gpu_recipe.py OUT [--budget-s 125] [--fashion-mnist-dir DIR]
-    python benchmarks/gpu_recipe.py /tmp/out --device cpu --quick     # a tiny check of the script
+    python -m benchmarks.gpu_recipe OUT [--budget-s 125] [--fashion-mnist-dir DIR]
+    python -m benchmarks.gpu_recipe /tmp/out --device cpu --quick     # a tiny check of the script
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import math
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -37,12 +36,12 @@ from pathlib import Path
 
 import torch
 
+import image_data
+import train
+from stochastic_depth.counting import training_flop_floor
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import image_data  # noqa: E402
-import train  # noqa: E402
-from resnet_with_stochastic_depth import training_flop_floor  # noqa: E402
-from training import BatchSampler  # noqa: E402
+from training import BatchSampler
 
 PAPER_TITAN_X_EPOCH_S = {"plain": 75.0, "stochastic": 60.0}  # Huang et al., Section 4, ResNet-110 on CIFAR-10
 
@@ -73,7 +72,7 @@ def synthetic_stream(n: int, shape: tuple[int, ...], batch_size: int, device: to
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
-    mean_image, std = image_data.normalisation(image_data.mnist.Split(images, labels))
+    mean_image, std = image_data.normalisation(image_data.LabelledImages(images, labels))
     preprocess = image_data.Preprocess(mean_image, std, "translate-flip", channels_last)
     batches = BatchSampler(images, labels, batch_size, seed=0, device=device)
     augment = torch.Generator(device).manual_seed(0)

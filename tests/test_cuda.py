@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_with_stochastic_depth import StochasticResNet, compile_branches, stochastic_depth_gates
+from resnet_with_stochastic_depth import StochasticResNet
+from stochastic_depth.compilation import compile_branches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

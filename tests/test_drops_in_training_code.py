@@ -22,11 +22,11 @@ from resnet_with_stochastic_depth import (
     Bottleneck,
     StochasticResNet,
     add_stochastic_depth,
-    compile_branches,
     set_step,
     stochastic_depth_gates,
     stochastic_depth_state,
 )
+from stochastic_depth.compilation import compile_branches
 
 
 def images(n=4, size=32, seed=1, channels=3):

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
+from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, add_stochastic_depth, stochastic_depth_state
 
 

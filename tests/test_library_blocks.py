@@ -24,20 +24,14 @@ from torchvision.models.efficientnet import EfficientNet, FusedMBConv, FusedMBCo
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
-from library_blocks import (
-    _BY_LIBRARY_CLASS,
-    _CONVERTED,
-    _flop_counter,
-    gate_flop_floor,
-    supported_blocks,
-)
+from stochastic_depth.counting import _flop_counter, gate_flop_floor, training_flop_floor
+from stochastic_depth.library_blocks import _BY_LIBRARY_CLASS, _CONVERTED, supported_blocks
 from resnet_with_stochastic_depth import (
     ResNet,
     _channels_last,
     add_stochastic_depth,
     stochastic_depth_gates,
     survival_probabilities,
-    training_flop_floor,
 )
 
 RATE = 0.4  # drop_path_rate / stochastic_depth_prob of every family, spread over its blocks by the library
@@ -524,7 +518,7 @@ def test_without_timm_torchvision_models_are_still_converted(tmp_path):
         "import sys; sys.modules['timm'] = None\n"
         "import torch, torchvision\n"
         "from resnet_with_stochastic_depth import add_stochastic_depth, stochastic_depth_gates\n"
-        "import library_blocks\n"
+        "from stochastic_depth import library_blocks\n"
         "resnet = add_stochastic_depth(torchvision.models.resnet18(num_classes=10), seed=0)\n"
         "convnext = add_stochastic_depth(torchvision.models.convnext_tiny(stochastic_depth_prob=0.4), seed=0)\n"
         "print(len(stochastic_depth_gates(resnet)), len(stochastic_depth_gates(convnext)),\n"

@@ -25,7 +25,6 @@ from resnet_with_stochastic_depth import (
     StochasticDepth,
     StochasticResNet,
     add_stochastic_depth,
-    compile_branches,
     draw_decision,
     key_seed,
     linear_drop_warmup,
@@ -33,8 +32,9 @@ from resnet_with_stochastic_depth import (
     stochastic_depth_gates,
     stochastic_depth_state,
     survival_probabilities,
-    training_operator_count,
 )
+from stochastic_depth.compilation import compile_branches
+from stochastic_depth.counting import training_operator_count
 
 
 def tiny_pair(seed=0, **stochastic_kwargs):

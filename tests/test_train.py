@@ -81,7 +81,7 @@ def test_fake_cifar_is_split_45k_5k_style_and_normalised_as_the_official_code(fa
 
 def test_svhn_validation_takes_a_fixed_number_of_images_per_class():
     labels = torch.arange(10).repeat_interleave(30)
-    pool = image_data.mnist.Split(torch.arange(300).reshape(300, 1, 1, 1), labels)
+    pool = image_data.LabelledImages(torch.arange(300).reshape(300, 1, 1, 1), labels)
     train_part, val = image_data._per_class_split(pool, 4, torch.Generator().manual_seed(0))
     assert torch.equal(val.labels.bincount(), torch.full((10,), 4))
     assert sorted(torch.cat([train_part.images, val.images]).flatten().tolist()) == list(range(300))

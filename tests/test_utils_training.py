@@ -136,7 +136,7 @@ def tiny_models():
 def small(mnist):
     """600 training and 300 test samples of MNIST."""
     train, test = mnist
-    return utils.Split(train.images[:600], train.labels[:600]), utils.Split(test.images[:300], test.labels[:300])
+    return utils.LabelledImages(train.images[:600], train.labels[:600]), utils.LabelledImages(test.images[:300], test.labels[:300])
 
 
 def run(small, iterations=12, **kwargs):

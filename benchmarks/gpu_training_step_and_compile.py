@@ -1,4 +1,4 @@
-"""Everything issue 8 measures on a CUDA GPU, in one run of about three minutes on an H100.
+"""The training step and compilation on a CUDA GPU, in one run of about three minutes on an H100.
 
 1. ``tests/test_cuda.py``, whose output goes to ``OUT_DIR/test_cuda.txt``.
 2. The training-step table of ``bench_training_step.py`` (every variant, row_subset
@@ -20,8 +20,8 @@ reported and skipped, so the run always completes; parts that would start after
 
 Usage::
 
-    python benchmarks/gpu_issue8.py OUT_DIR              # on the GPU
-    python benchmarks/gpu_issue8.py OUT_DIR --device cpu --quick   # a smoke test on the CPU
+    python -m benchmarks.gpu_training_step_and_compile OUT_DIR              # on the GPU
+    python -m benchmarks.gpu_training_step_and_compile OUT_DIR --device cpu --quick   # a smoke test on the CPU
 """
 
 from __future__ import annotations
@@ -38,9 +38,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_compile  # noqa: E402
-import bench_training_step  # noqa: E402
+from benchmarks import bench_compile, bench_training_step
 
 
 class Tee(io.TextIOBase):

@@ -1,7 +1,11 @@
 """The network that is evaluated: its depth at test time, and BatchNorm statistics gathered from it.
 
 A model trained with stochastic depth is evaluated with every residual block running and each
-residual scaled by its survival probability ``p_l``. Two tools act on that evaluation network:
+residual scaled by its survival probability ``p_l``. The tools that act on that evaluation network:
+
+``evaluation_mode``
+    Eval mode for the length of a ``with`` block, after which every submodule has its own
+    mode back (``model.train()`` would also switch frozen submodules to training).
 
 ``keep_blocks``
     Evaluate with chosen residual blocks removed. A removed block becomes the identity (its
@@ -17,7 +21,7 @@ residual scaled by its survival probability ``p_l``. Two tools act on that evalu
     ``torch.optim.swa_utils.update_bn`` does not fit: it runs the model in training mode, where
     it samples sub-networks.
 
-Both work on every model this project builds or converts: ``ResNet`` and ``StochasticResNet``
+``keep_blocks`` and ``recompute_batchnorm_statistics`` work on every model this project builds or converts: ``ResNet`` and ``StochasticResNet``
 of ``resnet_with_stochastic_depth``, and torchvision ResNets after ``add_stochastic_depth``.
 They use only the blocks' public attributes (``downsample``, ``stochastic_depth``, and a
 ``StochasticDepth`` gate's evaluation rule), not how gates draw while training.
@@ -34,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resnet_with_stochastic_depth import BasicBlock, Bottleneck, StochasticDepth
 
-__all__ = ["keep_blocks", "recompute_batchnorm_statistics", "residual_blocks"]
+__all__ = ["evaluation_mode", "keep_blocks", "recompute_batchnorm_statistics", "residual_blocks"]
 
 
 def residual_blocks(model: nn.Module) -> list[BasicBlock | Bottleneck]:
@@ -57,6 +61,22 @@ def residual_blocks(model: nn.Module) -> list[BasicBlock | Bottleneck]:
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no residual blocks (BasicBlock or Bottleneck of this project)")
     return blocks
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode inside the block; afterwards each submodule has its own mode back.
+
+    ``model.eval()`` then ``model.train()`` would also switch to training the submodules
+    that were in eval mode before (a frozen BatchNorm, a teacher): this puts back the mode
+    each module had, whatever the block raised.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        _restore_modes(modes)
 
 
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
@@ -124,10 +144,9 @@ def keep_blocks(model: nn.Module, keep: Iterable[int], *, unscaled: bool = False
     if bad:
         raise ValueError(f"keep must hold block indices in [0, {len(blocks)}), got {bad[0]!r}")
     kept = set(keep)
-    modes = [(m, m.training) for m in model.modules()]
     saved = [(block, block.stochastic_depth, "stochastic_depth" in block._modules) for block in blocks]
-    try:
-        model.eval()
+    with evaluation_mode(model), contextlib.ExitStack() as restore:
+        restore.callback(lambda: [_set_gate(block, gate, had_child) for block, gate, had_child in saved])
         for index, block in enumerate(blocks):
             if index not in kept:
                 gate = StochasticDepth(survival_prob=0.0, seed=0)  # eval mode, p = 0: the shortcut alone (seed: never drawn from)
@@ -138,10 +157,6 @@ def keep_blocks(model: nn.Module, keep: Iterable[int], *, unscaled: bool = False
             gate.eval()
             _set_gate(block, gate, had_child=True)
         yield model
-    finally:
-        for block, gate, had_child in saved:
-            _set_gate(block, gate, had_child)
-        _restore_modes(modes)
 
 
 def _batches(images: Tensor | Iterable, batch_size: int | None) -> Iterator[Tensor]:
@@ -223,15 +238,14 @@ def recompute_batchnorm_statistics(
         total[1] = total[1] + x64.sum(dims)
         total[2] = total[2] + x64.square().sum(dims)
 
-    modes = [(m, m.training) for m in model.modules()]
     before = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
     handles = [layer.register_forward_pre_hook(gather) for layer in layers]
     passes = 0
     try:
-        model.eval()
-        for batch in _batches(images, batch_size):
-            model(batch.to(device))
-            passes += 1
+        with evaluation_mode(model):
+            for batch in _batches(images, batch_size):
+                model(batch.to(device))
+                passes += 1
         if passes == 0:
             raise ValueError("no images given: the loader yielded no batch")
         for layer, (n, sums, squares) in totals.items():
@@ -249,5 +263,4 @@ def recompute_batchnorm_statistics(
     finally:
         for handle in handles:
             handle.remove()
-        _restore_modes(modes)
     return model

@@ -51,8 +51,8 @@ convolutional blocks give their outputs the layout the library's block gives the
 (ConvNeXt's are channels_last; a model moved to channels_last stays so), also in the
 row modes, whose gather and scatter would otherwise return NCHW tensors.
 
-:func:`gate_flop_floor` is ``training_flop_floor`` for any converted model: the expected
-fraction of a training step's FLOPs still computed.
+``stochastic_depth.counting.gate_flop_floor`` counts the expected fraction of a
+converted model's training-step FLOPs still computed.
 
 Not supported, with a ``TypeError`` from :func:`library_block_conversions` before
 anything is changed: any other module that holds a ``StochasticDepth`` or ``DropPath``
@@ -68,16 +68,10 @@ keeps it.
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import convnext as tv_convnext
 from torchvision.models import efficientnet as tv_efficientnet
 from torchvision.models import swin_transformer as tv_swin
@@ -104,7 +98,6 @@ __all__ = [
     "StochasticTimmBasicBlock",
     "StochasticTimmBottleneck",
     "StochasticVisionTransformerBlock",
-    "gate_flop_floor",
     "library_block_conversions",
     "supported_blocks",
 ]
@@ -477,100 +470,3 @@ def library_block_conversions(model: nn.Module) -> list[BlockConversion]:
                 probs = probs * len(kind.GATES)
             conversions.append(BlockConversion(parent, name, _converted(child, kind), kind.GATES, tuple(probs)))
     return conversions
-
-
-# ----------------------------------------------------------------------------------
-# The work a converted model can skip
-# ----------------------------------------------------------------------------------
-
-
-def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
-                        output_padding, groups, output_mask, out_shape=None) -> int:
-    """FLOPs of a convolution's backward pass: per gradient asked for, as many as its forward.
-
-    torch 2.14's formula leaves out ``groups`` in the backward pass: it counts a
-    depthwise convolution's backward (ConvNeXt's, EfficientNet's) as ``channels`` times
-    too much (a 3x3 depthwise conv of 64 channels: 65 times its forward instead of 2;
-    pytorch/pytorch#183405 took up the groups in these formulas). The forward is
-    ``2 * (output elements) * (in_channels / groups) * kernel size``.
-    """
-    if transposed:  # not in these networks: torch's own formula
-        return flop_counter.conv_backward_flop(
-            grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups,
-            output_mask, out_shape,
-        )
-    forward = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def _flop_counter() -> FlopCounterMode:
-    """``FlopCounterMode`` with grouped convolutions' backward counted right."""
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
-
-
-def gate_flop_floor(
-    model: nn.Module, images: Tensor, labels: Tensor, fractions: Sequence[float] | None = None
-) -> dict[str, float]:
-    """Expected fraction of a training step's FLOPs that a model with gates still computes.
-
-    ``training_flop_floor`` for any model converted by ``add_stochastic_depth`` (any of
-    the blocks above, or ResNets): counts the forward and backward FLOPs of one
-    cross-entropy training step with ``torch.utils.flop_counter`` on an eval-mode copy,
-    where every gate runs its branch, so that the total is the unconverted model's
-    (a masking drop path costs one multiplication per element, no FLOPs counted). A
-    gate's skippable work is what runs inside it (its branch, forward and backward);
-    the stem, shortcuts, downsampling layers, classifier, and the blocks without a gate
-    always run. The floor is ``(fixed + sum q_g work_g) / (fixed + sum work_g)``: the
-    step-time ratio that skipping can reach when time follows FLOPs. timm's fused
-    attention is counted through its unfused form (the same matrix products), which
-    ``FlopCounterMode`` sees on every device; a grouped convolution's backward pass is
-    counted as twice its forward (torch's formula leaves out the groups).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A converted model; it is copied, not changed.
-    images, labels : torch.Tensor
-        One batch, on the model's device.
-    fractions : sequence of float, optional
-        ``q_g`` of each gate in ``stochastic_depth_gates`` order: the expected fraction
-        of the batch its branch runs on. By default ``survival_prob`` in ``"batch"`` and
-        ``"row"`` mode and ``k / B`` (``k = round(B p)``, at least 1) in ``"row_subset"``.
-
-    Returns
-    -------
-    dict
-        ``total_gflop`` (a step with every branch), ``fixed_gflop`` (the work no gate
-        can skip) and ``floor`` (the expected fraction), GFLOP = 1e9 FLOPs.
-
-    Raises
-    ------
-    ValueError
-        Without gates, or with a number of fractions other than the number of gates.
-    """
-    from resnet_with_stochastic_depth import _subset_size
-
-    twin = copy.deepcopy(model).eval()
-    for module in twin.modules():
-        if hasattr(module, "fused_attn"):  # timm: count q k^T and attn v as matrix products
-            module.fused_attn = False
-    names = {gate: name for name, gate in twin.named_modules() if isinstance(gate, StochasticDepth)}
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no stochastic-depth gates: convert it with add_stochastic_depth")
-    gates = list(names)
-    if fractions is None:
-        batch = images.shape[0]
-        fractions = [
-            _subset_size(batch, g.survival_prob) / batch if g.mode == "row_subset" else g.survival_prob for g in gates
-        ]
-    if len(fractions) != len(gates):
-        raise ValueError(f"expected {len(gates)} fractions, one per gate, got {len(fractions)}")
-    with _flop_counter() as counter:
-        F.cross_entropy(twin(images), labels).backward()
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
-    root = type(twin).__name__
-    work = [counts.get(f"{root}.{names[g]}", 0) for g in gates]
-    fixed = total - sum(work)
-    expected = fixed + math.fsum(q * w for q, w in zip(fractions, work))
-    return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}

@@ -1,0 +1,15 @@
+"""Tools around the models of ``resnet_with_stochastic_depth`` (installed with it).
+
+Modules, each imported on its own:
+
+``library_blocks``
+    Converts torchvision's ConvNeXt, Swin and EfficientNet blocks and timm's ViT,
+    ConvNeXt and ResNet blocks; ``add_stochastic_depth`` calls it.
+``compilation``
+    ``compile_branches``: regional ``torch.compile`` of the residual branches.
+``counting``
+    FLOP floors and operator counts of a training step.
+``evaluation_network``
+    Evaluating a trained network with a subset of its blocks, and recomputing its
+    BatchNorm statistics.
+"""
