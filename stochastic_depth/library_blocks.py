@@ -177,13 +177,10 @@ class StochasticSwinTransformerBlock(_Converted, tv_swin.SwinTransformerBlock):
         return self.stochastic_depth_mlp(self.mlp_branch, x, x)
 
 
-class StochasticSwinTransformerBlockV2(_Converted, tv_swin.SwinTransformerBlockV2):
+class StochasticSwinTransformerBlockV2(StochasticSwinTransformerBlock, tv_swin.SwinTransformerBlockV2):
     """torchvision's Swin V2 block: the norms come after attention and MLP (res-post-norm)."""
 
     LIBRARY_CLASS = tv_swin.SwinTransformerBlockV2
-    DROP_PATHS, GATES = ("stochastic_depth",), ("stochastic_depth_attn", "stochastic_depth_mlp")
-    stochastic_depth_attn: StochasticDepth
-    stochastic_depth_mlp: StochasticDepth
 
     def attention_branch(self, x: Tensor) -> Tensor:
         """``(N, H, W, C) -> (N, H, W, C)``."""
@@ -192,10 +189,6 @@ class StochasticSwinTransformerBlockV2(_Converted, tv_swin.SwinTransformerBlockV
     def mlp_branch(self, x: Tensor) -> Tensor:
         """``(N, H, W, C) -> (N, H, W, C)``."""
         return self.norm2(self.mlp(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stochastic_depth_attn(self.attention_branch, x, x)
-        return self.stochastic_depth_mlp(self.mlp_branch, x, x)
 
 
 class StochasticMBConv(_Converted, tv_efficientnet.MBConv):
