@@ -35,6 +35,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_with_stochastic_depth import ResNet, StochasticResNet
+from training import synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,15 +81,13 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, resu
         y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
         for name, (ddp, optimizer) in models.items():
             counters[name]["bytes"] = 0
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             dist.barrier()  # both processes start the step together
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(ddp(x), y).backward()
             optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             elapsed = time.perf_counter() - start
             if round_index >= args.warmup:
                 times[name].append(elapsed)

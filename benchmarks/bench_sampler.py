@@ -29,6 +29,7 @@ from torchvision.transforms import ToTensor
 
 import utils
 from mnist import VENDORED_MNIST
+from training import synchronize
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,8 +41,7 @@ def batches_per_second(batches: Batches, seconds: float, device: torch.device) -
     while time.perf_counter() - start < seconds:
         next(batches)
         count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return count / (time.perf_counter() - start)
 
 

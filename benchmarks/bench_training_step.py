@@ -43,6 +43,7 @@ from resnet_with_stochastic_depth import (
     survival_probabilities,
 )
 from stochastic_depth.counting import training_flop_floor, training_operator_count
+from training import synchronize
 
 PLAIN = "ResNet-50 (plain)"
 BLOCK = "StochasticResNet, batch mode"
@@ -110,17 +111,16 @@ def time_steps(variants, x, y, device, rounds: int, warmup: int, clock=time.perf
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     shuffler = random.Random(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for round_index in range(warmup + rounds):
         shuffler.shuffle(order)
         for name in order:
             model, optimizer = variants[name], optimizers[name]
-            sync()
+            synchronize(device)
             start = clock()
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            sync()
+            synchronize(device)
             if round_index >= warmup:
                 times[name].append(clock() - start)
                 if on_step is not None:
