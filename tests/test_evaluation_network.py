@@ -8,8 +8,13 @@ import torch
 import torchvision
 from torch import nn
 
-from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, add_stochastic_depth, stochastic_depth_state
+from stochastic_depth.evaluation_network import (
+    evaluation_mode,
+    keep_blocks,
+    recompute_batchnorm_statistics,
+    residual_blocks,
+)
 
 
 class ShortcutOnly(nn.Module):
@@ -202,3 +207,16 @@ def test_bad_batchnorm_inputs_are_refused_naming_them():
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         recompute_batchnorm_statistics(nn.Sequential(nn.Conv2d(1, 1, 3)), torch.zeros(2, 1, 4, 4))
+
+
+def test_evaluation_mode_gives_each_module_its_own_mode_back_even_after_an_error():
+    model = StochasticResNet.cifar(14, seed=0).train()
+    frozen = model.bn1.eval()  # a user's frozen BatchNorm inside a model in training mode
+    before = {name: m.training for name, m in model.named_modules()}
+    with evaluation_mode(model) as same:
+        assert same is model and not any(m.training for m in model.modules())
+    assert {name: m.training for name, m in model.named_modules()} == before and not frozen.training
+    with pytest.raises(RuntimeError, match="inside"):
+        with evaluation_mode(model):
+            raise RuntimeError("inside")
+    assert {name: m.training for name, m in model.named_modules()} == before

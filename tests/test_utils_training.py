@@ -364,3 +364,41 @@ def test_pick_device():
     assert utils.pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert utils.pick_device().type == expected
+
+
+def test_predict_matches_one_eval_pass_in_batches_and_restores_each_mode():
+    from training import evaluate, predict
+
+    torch.manual_seed(0)
+    model = StochasticResNet.cifar(14, in_channels=1, seed=0).train()
+    model.bn1.eval()  # frozen by the user: stays in eval mode afterwards
+    before = [m.training for m in model.modules()]
+    images, labels = torch.rand(10, 1, 28, 28), torch.arange(10)
+    with torch.no_grad():
+        reference = model.eval()(images * 2)
+    for m, training in zip(model.modules(), before):
+        m.training = training
+    logits = predict(model, images, batch_size=3, preprocess=lambda x: x * 2)
+    assert logits.shape == (10, 10) and torch.allclose(logits, reference, atol=1e-5)
+    assert [m.training for m in model.modules()] == before
+    loss, accuracy = evaluate(model, utils.LabelledImages(images, labels), batch_size=4, preprocess=lambda x: x * 2)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(reference, labels).item(), rel=1e-5)
+    assert accuracy == (reference.argmax(1) == labels).float().mean().item()
+    assert [m.training for m in model.modules()] == before
+
+
+def test_a_failed_atomic_write_leaves_the_previous_file_whole(tmp_path):
+    from training import write_atomically, write_json_atomically
+
+    path = tmp_path / "metrics.json"
+    write_json_atomically(path, {"epoch": 1})
+
+    def fails_halfway(partial):
+        partial.write_text('{"epo')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, fails_halfway)
+    assert path.read_text() == '{"epoch": 1}'
+    write_json_atomically(path, {"epoch": 2}, indent=1)
+    assert path.read_text() == '{\n "epoch": 2\n}'
