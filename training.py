@@ -661,8 +661,12 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half-written file left beside the whole one
+        raise
 
 
 def save_atomically(obj: Any, path: str | Path) -> None:

@@ -399,6 +399,6 @@ def test_a_failed_atomic_write_leaves_the_previous_file_whole(tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         write_atomically(path, fails_halfway)
-    assert path.read_text() == '{"epoch": 1}'
+    assert path.read_text() == '{"epoch": 1}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
     write_json_atomically(path, {"epoch": 2}, indent=1)
     assert path.read_text() == '{\n "epoch": 2\n}'
