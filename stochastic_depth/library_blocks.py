@@ -287,11 +287,23 @@ if timm_vit is not None:
             return _gate_in_layout(self.drop_path, self.branch, x, self.shortcut(x))
 
 
-    class StochasticTimmBasicBlock(_Converted, timm_resnet.BasicBlock):
+    class _StochasticTimmResNetBlock(_Converted):
+        """timm's ResNet blocks: ``act(shortcut + branch(x))``, the branch gated."""
+
+        DROP_PATHS = GATES = ("drop_path",)
+        FINAL_ACTIVATION: ClassVar[str]  # the attribute of the activation after the addition
+        drop_path: StochasticDepth
+
+        def forward(self, x: Tensor) -> Tensor:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            out = _gate_in_layout(self.drop_path, self.branch, x, shortcut)
+            return _activate(getattr(self, self.FINAL_ACTIVATION), x, out)
+
+
+    class StochasticTimmBasicBlock(_StochasticTimmResNetBlock, timm_resnet.BasicBlock):
         """timm's ResNet basic block: ``act2(shortcut + bn2(conv2(...)))``, the branch gated."""
 
-        LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.BasicBlock, ("drop_path",), ("drop_path",)
-        drop_path: StochasticDepth
+        LIBRARY_CLASS, FINAL_ACTIVATION = timm_resnet.BasicBlock, "act2"
 
         def branch(self, x: Tensor) -> Tensor:
             """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
@@ -299,16 +311,11 @@ if timm_vit is not None:
             x = self.bn2(self.conv2(x))
             return x if self.se is None else self.se(x)
 
-        def forward(self, x: Tensor) -> Tensor:
-            shortcut = x if self.downsample is None else self.downsample(x)
-            return _activate(self.act2, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
 
-
-    class StochasticTimmBottleneck(_Converted, timm_resnet.Bottleneck):
+    class StochasticTimmBottleneck(_StochasticTimmResNetBlock, timm_resnet.Bottleneck):
         """timm's ResNet bottleneck block: ``act3(shortcut + bn3(conv3(...)))``, the branch gated."""
 
-        LIBRARY_CLASS, DROP_PATHS, GATES = timm_resnet.Bottleneck, ("drop_path",), ("drop_path",)
-        drop_path: StochasticDepth
+        LIBRARY_CLASS, FINAL_ACTIVATION = timm_resnet.Bottleneck, "act3"
 
         def branch(self, x: Tensor) -> Tensor:
             """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
@@ -316,10 +323,6 @@ if timm_vit is not None:
             x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
             x = self.bn3(self.conv3(x))
             return x if self.se is None else self.se(x)
-
-        def forward(self, x: Tensor) -> Tensor:
-            shortcut = x if self.downsample is None else self.downsample(x)
-            return _activate(self.act3, x, _gate_in_layout(self.drop_path, self.branch, x, shortcut))
 
 
 _CONVERTED: tuple[type[_Converted], ...] = (
