@@ -53,6 +53,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import importlib
 import math
 import operator
 import struct
@@ -1189,3 +1190,18 @@ def stochastic_depth_state(model: nn.Module) -> StochasticDepthState | None:
     """The :class:`StochasticDepthState` of `model`'s gates, or None if it has none."""
     gates = stochastic_depth_gates(model)
     return StochasticDepthState(gates) if gates else None
+
+
+# Names that moved to the package: still importable from here, with a warning that says where.
+_MOVED = {
+    "compile_branches": "stochastic_depth.compilation",
+    "training_flop_floor": "stochastic_depth.counting",
+    "training_operator_count": "stochastic_depth.counting",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"{name} is now in {_MOVED[name]}: import it from there", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -65,3 +65,16 @@ def test_installed_library_imports_from_another_folder(wheel, tmp_path):
     imported, found = result.stdout.splitlines()
     assert imported.split() == ["True", "9"]
     assert found.split() == ["False"] * len(EXPERIMENT_MODULES)
+
+
+def test_names_that_moved_to_the_package_still_import_with_a_warning():
+    import resnet_with_stochastic_depth
+    from stochastic_depth import compilation, counting
+
+    with pytest.warns(DeprecationWarning, match="stochastic_depth.compilation"):
+        from resnet_with_stochastic_depth import compile_branches
+    assert compile_branches is compilation.compile_branches
+    with pytest.warns(DeprecationWarning, match="stochastic_depth.counting"):
+        assert resnet_with_stochastic_depth.training_flop_floor is counting.training_flop_floor
+    with pytest.raises(AttributeError, match="no attribute 'compile_branch'"):
+        resnet_with_stochastic_depth.compile_branch
