@@ -1,0 +1,26 @@
+"""The benchmarks are a package run as ``python -m benchmarks.<name>`` from the repository root."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_each_benchmark_imports_as_a_module_of_the_package(name):
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert callable(module.main), f"benchmarks/{name}.py has no main()"
+
+
+def test_a_benchmark_runs_with_python_m_and_writes_its_table(tmp_path):
+    out = tmp_path / "training_step.json"
+    command = [sys.executable, "-m", "benchmarks.bench_training_step", "--batch-size", "4", "--image", "1x28",
+               "--rounds", "1", "--warmup", "0", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "FLOP floor" in result.stdout and out.is_file()
