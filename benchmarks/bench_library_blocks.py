@@ -7,7 +7,7 @@ backward and an Adam step (``bench_training_step.time_steps``). For each family 
 rate (the library's ``drop_path_rate`` / ``stochastic_depth_prob``, spread over the
 blocks by the library) the variants run interleaved in one run, in a shuffled order each
 round; the table reports each median step as a ratio to the unconverted (masking) model,
-beside the FLOP floor of each mode (``library_blocks.gate_flop_floor``: the fraction of
+beside the FLOP floor of each mode (``stochastic_depth.counting.gate_flop_floor``: the fraction of
 the unconverted step's forward and backward FLOPs that the converted model still
 computes on average). Where a branch's time does not follow its FLOPs (ConvNeXt's and
 EfficientNet's depthwise convolutions, LayerNorms and activations are bound by memory
