@@ -28,7 +28,6 @@ import argparse
 import json
 import re
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from statistics import fmean, pstdev
 from typing import Any
@@ -83,9 +82,8 @@ def _error(model: torch.nn.Module, split: Any, preprocess: Any, limit: int | Non
     """
     if limit is not None:
         split = image_data.LabelledImages(split.images[:limit], split.labels[:limit])
-    args = argparse.Namespace(eval_batch_size=1000)
     start = time.process_time()
-    _, error = train.evaluate(model, split, preprocess, args, train.Processes(), nullcontext())
+    _, error = train.evaluate(model, split, preprocess, train.Processes(), batch_size=1000)
     return error, time.process_time() - start
 
 

@@ -43,7 +43,9 @@ from tqdm.auto import tqdm
 
 import image_data
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
-from training import BatchSampler, save_atomically, synchronize
+from training import (
+    BatchSampler, build_resnet, predict, save_atomically, synchronize, write_atomically, write_json_atomically,
+)  # fmt: skip
 
 # Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe
 # without flips, which would turn some digits into others.
@@ -225,14 +227,14 @@ def _all_reduce_sum(tensor: Tensor, processes: Processes) -> Tensor:
 
 
 def build_model(args: argparse.Namespace, in_channels: int, num_classes: int) -> ResNet:
-    """The CIFAR ResNet of ``args.depth``; stochastic unless ``args.plain``. Same weights for the same seed."""
-    torch.manual_seed(args.seed)
-    common = dict(in_channels=in_channels, num_classes=num_classes, shortcut=args.shortcut)
-    if args.plain:
-        return ResNet.cifar(args.depth, **common)
-    return StochasticResNet.cifar(
-        args.depth, p_last=args.p_last, survival_rule=args.survival_rule, seed=args.seed, **common
-    )
+    """The CIFAR ResNet of ``args.depth`` for (N, `in_channels`, H, W) images, `num_classes` logits.
+
+    A ``StochasticResNet`` unless ``args.plain``; the same initial weights for the same
+    ``args.seed``, plain or not (``training.build_resnet``, which seeds torch's global RNG).
+    """
+    stochastic = None if args.plain else dict(p_last=args.p_last, survival_rule=args.survival_rule, seed=args.seed)
+    return build_resnet("cifar", args.depth, seed=args.seed, stochastic=stochastic,
+                        in_channels=in_channels, num_classes=num_classes, shortcut=args.shortcut)  # fmt: skip
 
 
 def make_optimizer(
@@ -328,23 +330,25 @@ def training_step(
     return loss, logits
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, split: image_data.LabelledImages, preprocess: image_data.Preprocess, args: argparse.Namespace,
-    processes: Processes, autocast: Any,
+    model: nn.Module, split: image_data.LabelledImages, preprocess: image_data.Preprocess, processes: Processes,
+    *, batch_size: int, autocast: Any = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and error rate on `split`; each process evaluates its share."""
-    model.eval()
-    totals = torch.zeros(3, device=processes.device)  # loss sum, errors, count
-    indices = torch.arange(processes.rank, len(split.labels), processes.world_size, device=processes.device)
-    for chunk in indices.split(args.eval_batch_size):
-        with autocast:
-            logits = model(preprocess(split.images[chunk]))
-        labels = split.labels[chunk]
-        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        totals[1] += (logits.argmax(1) != labels).sum()
-        totals[2] += len(chunk)
-    model.train()
+    """Mean cross-entropy (nats per image) and error rate (fraction) of `model` on all of `split`.
+
+    `model` runs in eval mode (``training.predict``: each of its modules has its own mode
+    back afterwards) on this process's share of `split` (every ``world_size``-th image from
+    its rank), `batch_size` images at a time, preprocessed without augmentation, under
+    `autocast` if given; the sums are all-reduced, so every process returns the same numbers.
+    `split` holds (N, C, H, W) images and (N,) labels on ``processes.device``.
+    """
+    share = slice(processes.rank, None, processes.world_size)
+    logits = predict(model, split.images[share], batch_size=batch_size, preprocess=preprocess, autocast=autocast).float()
+    labels = split.labels[share]
+    totals = torch.zeros(3, device=processes.device)  # loss sum, errors, images
+    totals[0] = F.cross_entropy(logits, labels, reduction="sum")
+    totals[1] = (logits.argmax(1) != labels).sum()
+    totals[2] = len(labels)
     loss, errors, count = _all_reduce_sum(totals, processes).tolist()
     return loss / count, errors / count
 
@@ -379,11 +383,17 @@ def load_checkpoint(path: Path, args: argparse.Namespace, processes: Processes) 
 
 
 def write_metrics(output_dir: Path, records: list[dict[str, Any]], summary: dict[str, Any], config: dict[str, Any]) -> None:
-    (output_dir / "metrics.json").write_text(json.dumps({"config": config, "summary": summary, "epochs": records}, indent=1))
-    with (output_dir / "metrics.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(records)
+    """``metrics.json`` (config, summary, the per-epoch records) and ``metrics.csv`` (the records,
+    one row per epoch in :data:`METRIC_COLUMNS`), each written atomically."""
+    write_json_atomically(output_dir / "metrics.json", {"config": config, "summary": summary, "epochs": records}, indent=1)
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(records)
+
+    write_atomically(output_dir / "metrics.csv", write_csv)
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -588,8 +598,8 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         val_loss = val_error = test_loss = test_error = None
         if (epoch + 1) % args.eval_every == 0 or step == stop_at:
             if len(val.labels):
-                val_loss, val_error = evaluate(model, val, preprocess, args, processes, autocast)
-            test_loss, test_error = evaluate(model, test, preprocess, args, processes, autocast)
+                val_loss, val_error = evaluate(model, val, preprocess, processes, batch_size=args.eval_batch_size, autocast=autocast)
+            test_loss, test_error = evaluate(model, test, preprocess, processes, batch_size=args.eval_batch_size, autocast=autocast)
         loss_sum, errors, count = _all_reduce_sum(torch.cat([totals, torch.tensor([images_seen], device=device)]), processes).tolist()
         records.append({
             "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
