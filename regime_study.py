@@ -67,7 +67,7 @@ def load_trained(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], A
     mean_image, std = image_data.normalisation(splits.train)
     preprocess = image_data.Preprocess(mean_image, std, "none")
     augment = image_data.Preprocess(mean_image, std, args.augmentation)
-    model = train.build_model(args, splits.train.images.shape[1], splits.num_classes)
+    model = train.build_model(train.Recipe.from_dict(config), splits.train.images.shape[1], splits.num_classes)
     checkpoint = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     data = argparse.Namespace(train=splits.train, test=splits.test, preprocess=preprocess, augment=augment)

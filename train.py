@@ -30,8 +30,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,66 +57,177 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
     "fashion-mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
 }
-# Options that define the run: a resumed run must be given the same ones.
-RECIPE_OPTIONS = (
-    "dataset", "val_size", "train_subset", "depth", "shortcut", "p_last", "plain", "survival_rule", "epochs", "batch_size",
-    "lr", "momentum", "weight_decay", "nesterov", "lr_milestones", "dropped_update", "augmentation", "seed",
-    "image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every",
-)  # fmt: skip
-# What a checkpoint written before an option existed was trained with.
-# (--warmup-lr: --lr / 10, filled in by load_checkpoint.)
-_OPTION_DEFAULTS = {"image_size": None, "warmup_steps": 0, "warmup_shape": "constant", "schedule_unit": "epoch",
-                    "eval_every": 1}
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "epoch_time_s", "eval_time_s", "mean_active_blocks",
 )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------
+# The recipe and the command line
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The options that define a run; a resumed run must have the same ones.
+
+    Each field is the ``train.py`` option of the same name (``p_last`` is ``--p-last``) with
+    the same default; see :func:`parse_args` for what each means. A default of None is filled
+    in on construction: ``depth``, ``epochs``, ``lr_milestones`` and ``augmentation`` from
+    the dataset's :data:`RECIPES`, ``warmup_lr`` as ``lr / 10``; ``val_size`` stays None (the
+    paper's split, see ``image_data``) and so do ``train_subset`` and ``image_size`` (none).
+    ``plain`` and ``p_last == 1`` are made to agree. A Recipe is therefore complete and valid.
+
+    A checkpoint stores it as a dict and ``metrics.json``'s config holds its fields;
+    :meth:`from_dict` reads both back. Whatever was stored before a field existed was
+    trained with that field's default, so a new field's default must be what runs did
+    without it.
+
+    Raises
+    ------
+    ValueError
+        For a value out of range, naming the option as the command line does
+        (``--depth must be 6n+2 ..., got 21``).
+    """
+
+    dataset: str = "cifar10"
+    val_size: int | None = None
+    train_subset: int | None = None
+    depth: int | None = None
+    shortcut: str = "A"
+    p_last: float = 0.5
+    plain: bool = False
+    survival_rule: str = "linear"
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+    lr_milestones: tuple[float, ...] | None = None
+    dropped_update: str = "decay"
+    augmentation: str | None = None
+    seed: int = 0
+    image_size: int | None = None
+    warmup_steps: int = 0
+    warmup_lr: float | None = None
+    warmup_shape: str = "constant"
+    schedule_unit: str = "epoch"
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        def fill(name: str, value: Any) -> None:  # how a frozen dataclass completes itself (see dataclasses)
+            object.__setattr__(self, name, value)
+
+        if self.dataset not in RECIPES:
+            raise ValueError(f"--dataset must be one of {', '.join(RECIPES)}, got {self.dataset!r}")
+        for name, value in RECIPES[self.dataset].items():
+            if getattr(self, name) is None:
+                fill(name, value)
+        fill("lr_milestones", tuple(self.lr_milestones))  # argparse and stored recipes give lists
+        if self.plain:
+            fill("p_last", 1.0)
+        fill("plain", self.p_last == 1.0)
+        if self.depth < 8 or (self.depth - 2) % 6:
+            raise ValueError(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {self.depth}")
+        if not 0.0 < self.p_last <= 1.0:
+            raise ValueError(f"--p-last must be in (0, 1], got {self.p_last}")
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"--train-subset must be positive, got {self.train_subset}")
+        if any(not 0.0 < f <= 1.0 for f in self.lr_milestones):
+            raise ValueError(f"--lr-milestones are fractions of the epochs in (0, 1], got {list(self.lr_milestones)}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be non-negative, got {self.seed}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be non-negative, got {self.warmup_steps}")
+        if self.warmup_lr is None:
+            fill("warmup_lr", self.lr / 10)
+        if self.warmup_lr <= 0:
+            raise ValueError(f"--warmup-lr must be positive, got {self.warmup_lr}")
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> Recipe:
+        """The recipe in `stored`: a checkpoint's ``"recipe"``, a ``metrics.json`` ``"config"``
+        or ``vars(parse_args())``. Keys that are no field (the run options) are ignored; fields
+        missing from it take their defaults (it was written before they existed)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in stored.items() if name in names})
+
+    def differences(self, other: Recipe) -> list[str]:
+        """``"--option <self's value> there, <other's value> here"`` for each field that differs."""
+        return [
+            f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} there, {getattr(other, f.name)!r} here"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Recipe)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line `argv` (default: ``sys.argv``), checked.
+
+    The namespace holds the run options and the fields of the completed :class:`Recipe`
+    (``Recipe.from_dict(vars(args))`` gives it back). Exits with argparse's usage message for a
+    bad value, naming it.
+    """
     parser = argparse.ArgumentParser(
         description="Train a ResNet with stochastic depth (or without) with the paper's recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=image_data.DATASETS, default="cifar10")
+    data.add_argument("--dataset", choices=image_data.DATASETS, default=_DEFAULTS["dataset"])
     data.add_argument("--data-dir", help="where the dataset is or goes (default: per dataset, see image_data.py)")
     data.add_argument("--no-download", dest="download", action="store_false", help="never download a missing dataset")
-    data.add_argument("--val-size", type=int, help="validation images held out of the training set (default: the paper's)")
-    data.add_argument("--train-subset", type=int, help="train on only this many images (smoke tests, quick runs)")
-    data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"], help="default: per dataset")
-    data.add_argument("--image-size", type=int, help="resize every image to this many pixels a side (bilinear, "
+    data.add_argument("--val-size", type=int, default=_DEFAULTS["val_size"],
+                      help="validation images held out of the training set (default: the paper's)")
+    data.add_argument("--train-subset", type=int, default=_DEFAULTS["train_subset"],
+                      help="train on only this many images (smoke tests, quick runs)")
+    data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"],
+                      default=_DEFAULTS["augmentation"], help="default: per dataset")
+    data.add_argument("--image-size", type=int, default=_DEFAULTS["image_size"],
+                      help="resize every image to this many pixels a side (bilinear, "
                       "antialiased) before anything else, e.g. 16 for a cheaper Fashion-MNIST run; a multiple of 4 for the "
                       "CIFAR networks with option A shortcuts, whose stages halve it twice (default: as stored)")
     model = parser.add_argument_group("model")
-    model.add_argument("--depth", type=int, help="6n+2; default 110 (SVHN: 152)")
-    model.add_argument("--shortcut", choices=["A", "projection"], default="A")
-    model.add_argument("--p-last", type=float, default=0.5, help="survival probability of the last block; 1 = plain")
-    model.add_argument("--plain", action="store_true", help="train the plain ResNet (same as --p-last 1)")
-    model.add_argument("--survival-rule", choices=["linear", "uniform"], default="linear")
+    model.add_argument("--depth", type=int, default=_DEFAULTS["depth"], help="6n+2; default 110 (SVHN: 152)")
+    model.add_argument("--shortcut", choices=["A", "projection"], default=_DEFAULTS["shortcut"])
+    model.add_argument("--p-last", type=float, default=_DEFAULTS["p_last"],
+                       help="survival probability of the last block; 1 = plain")
+    model.add_argument("--plain", action="store_true", default=_DEFAULTS["plain"],
+                       help="train the plain ResNet (same as --p-last 1)")
+    model.add_argument("--survival-rule", choices=["linear", "uniform"], default=_DEFAULTS["survival_rule"])
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, help="default 500 (SVHN: 50)")
-    optim.add_argument("--batch-size", type=int, default=128, help="of all processes together")
-    optim.add_argument("--lr", type=float, default=0.1)
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight-decay", type=float, default=1e-4)
-    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false")
-    optim.add_argument("--lr-milestones", type=float, nargs="+",
+    optim.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="default 500 (SVHN: 50)")
+    optim.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="of all processes together")
+    optim.add_argument("--lr", type=float, default=_DEFAULTS["lr"])
+    optim.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"])
+    optim.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"])
+    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_DEFAULTS["nesterov"])
+    optim.add_argument("--lr-milestones", type=float, nargs="+", default=_DEFAULTS["lr_milestones"],
                        help="fractions of the run (see --schedule-unit) after which lr /= 10")
-    optim.add_argument("--schedule-unit", choices=["epoch", "step"], default="epoch",
+    optim.add_argument("--schedule-unit", choices=["epoch", "step"], default=_DEFAULTS["schedule_unit"],
                        help="'epoch': lr drops after floor(f * epochs) epochs (the paper); 'step': after "
                        "floor(f * total steps) optimizer steps, for runs of a fixed number of steps or under one epoch")
-    optim.add_argument("--warmup-steps", type=int, default=0,
+    optim.add_argument("--warmup-steps", type=int, default=_DEFAULTS["warmup_steps"],
                        help="warm the first N optimizer steps up from --warmup-lr (see --warmup-shape; He et al. warm "
                        "ResNet-110 up at lr 0.01 for about 400 iterations); the schedule then goes on as without it")
-    optim.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (default: --lr / 10)")
-    optim.add_argument("--warmup-shape", choices=["constant", "linear"], default="constant",
+    optim.add_argument("--warmup-lr", type=float, default=_DEFAULTS["warmup_lr"],
+                       help="lr of the warm-up steps (default: --lr / 10)")
+    optim.add_argument("--warmup-shape", choices=["constant", "linear"], default=_DEFAULTS["warmup_shape"],
                        help="'constant': every warm-up step at --warmup-lr (He et al.); 'linear': from --warmup-lr "
                        "at the first step towards the scheduled lr, reached at step --warmup-steps (Goyal et al., 2017)")
     optim.add_argument(
         "--dropped-update",
         choices=["decay", "skip"],
-        default="decay",
+        default=_DEFAULTS["dropped_update"],
         help="'decay': a dropped block's parameters get a zero gradient, so weight decay and momentum still "
         "move them (the official code, which produced the paper's numbers); 'skip': they are left alone "
         "for that step (PyTorch's optimizers skip parameters whose grad is None)",
@@ -124,49 +236,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--output-dir", default="outputs/train")
     run.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                      help="continue from CHECKPOINT (default: OUTPUT_DIR/checkpoint.pt)")  # fmt: skip
-    run.add_argument("--seed", type=int, default=0, help="weights, split, batch order, drops, augmentation")
+    run.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="weights, split, batch order, drops, augmentation")
     run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
     run.add_argument("--device", help="default: cuda (this process's GPU under torchrun) if available, else cpu")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels_last memory format (default: on CUDA only)")  # fmt: skip
     run.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
     run.add_argument("--eval-batch-size", type=int, default=1000)
-    run.add_argument("--eval-every", type=int, default=1,
+    run.add_argument("--eval-every", type=int, default=_DEFAULTS["eval_every"],
                      help="evaluate on the validation and test sets every N epochs and after the last one; "
                      "the best validation epoch is chosen among those")
     run.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
 
-    for name, value in RECIPES[args.dataset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.plain:
-        args.p_last = 1.0
-    args.plain = args.p_last == 1.0
-    if args.depth < 8 or (args.depth - 2) % 6:
-        parser.error(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {args.depth}")
-    if not 0.0 < args.p_last <= 1.0:
-        parser.error(f"--p-last must be in (0, 1], got {args.p_last}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "eval_every"):
+    try:
+        recipe = Recipe.from_dict(vars(args))
+    except ValueError as error:
+        parser.error(str(error))
+    vars(args).update(asdict(recipe))
+    for name in ("eval_batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.train_subset is not None and args.train_subset < 1:
-        parser.error(f"--train-subset must be positive, got {args.train_subset}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be positive, got {args.max_steps}")
-    if any(not 0.0 < f <= 1.0 for f in args.lr_milestones):
-        parser.error(f"--lr-milestones are fractions of the epochs in (0, 1], got {args.lr_milestones}")
-    if args.seed < 0:
-        parser.error(f"--seed must be non-negative, got {args.seed}")
-    if args.image_size is not None and args.image_size < 8:
-        parser.error(f"--image-size must be at least 8 pixels, got {args.image_size}")
-    if args.warmup_steps < 0:
-        parser.error(f"--warmup-steps must be non-negative, got {args.warmup_steps}")
-    if args.warmup_lr is None:
-        args.warmup_lr = args.lr / 10
-    if args.warmup_lr <= 0:
-        parser.error(f"--warmup-lr must be positive, got {args.warmup_lr}")
     return args
 
 
@@ -226,34 +319,36 @@ def _all_reduce_sum(tensor: Tensor, processes: Processes) -> Tensor:
 # ----------------------------------------------------------------------------------
 
 
-def build_model(args: argparse.Namespace, in_channels: int, num_classes: int) -> ResNet:
-    """The CIFAR ResNet of ``args.depth`` for (N, `in_channels`, H, W) images, `num_classes` logits.
+def build_model(recipe: Recipe, in_channels: int, num_classes: int) -> ResNet:
+    """The CIFAR ResNet of ``recipe.depth`` for (N, `in_channels`, H, W) images, `num_classes` logits.
 
-    A ``StochasticResNet`` unless ``args.plain``; the same initial weights for the same
-    ``args.seed``, plain or not (``training.build_resnet``, which seeds torch's global RNG).
+    A ``StochasticResNet`` unless ``recipe.plain``; the same initial weights for the same
+    ``recipe.seed``, plain or not (``training.build_resnet``, which seeds torch's global RNG).
+    `recipe` may also be :func:`parse_args`' namespace, which has the same attributes.
     """
-    stochastic = None if args.plain else dict(p_last=args.p_last, survival_rule=args.survival_rule, seed=args.seed)
-    return build_resnet("cifar", args.depth, seed=args.seed, stochastic=stochastic,
-                        in_channels=in_channels, num_classes=num_classes, shortcut=args.shortcut)  # fmt: skip
+    stochastic = None if recipe.plain else dict(p_last=recipe.p_last, survival_rule=recipe.survival_rule, seed=recipe.seed)
+    return build_resnet("cifar", recipe.depth, seed=recipe.seed, stochastic=stochastic,
+                        in_channels=in_channels, num_classes=num_classes, shortcut=recipe.shortcut)  # fmt: skip
 
 
 def make_optimizer(
-    model: nn.Module, args: argparse.Namespace, steps_per_epoch: int = 1
+    model: nn.Module, recipe: Recipe, steps_per_epoch: int = 1
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
     """The recipe's SGD (Nesterov, no dampening) and its lr schedule.
 
     The schedule is stepped once per epoch, or once per optimizer step with
     ``--schedule-unit step`` (its milestones are then in steps of the
     ``epochs * steps_per_epoch`` of the run). The warm-up is not part of it (see :func:`warmup_lr`).
+    `recipe` may also be :func:`parse_args`' namespace.
     """
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, dampening=0.0,
-        weight_decay=args.weight_decay, nesterov=args.nesterov,
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, dampening=0.0,
+        weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
     )  # fmt: skip
     # lr /= 10 after floor(f * epochs) epochs: the paper's "after epochs 250 and 375" of 500, and the
     # official code's rule (epoch < f * epochs keeps the higher rate) where f * epochs is not whole.
-    length = args.epochs * (steps_per_epoch if args.schedule_unit == "step" else 1)
-    milestones = [math.floor(f * length) for f in args.lr_milestones]
+    length = recipe.epochs * (steps_per_epoch if recipe.schedule_unit == "step" else 1)
+    milestones = [math.floor(f * length) for f in recipe.lr_milestones]
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
 
@@ -358,8 +453,12 @@ def evaluate(
 # ----------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: Path, args: argparse.Namespace, processes: Processes) -> dict[str, Any]:
-    """Rank 0 reads the checkpoint and sends it to the others (no shared disk needed)."""
+def load_checkpoint(path: Path, recipe: Recipe, processes: Processes) -> dict[str, Any]:
+    """The checkpoint at `path`: rank 0 reads it and sends it to the others (no shared disk needed).
+
+    Raises FileNotFoundError if there is none, and ValueError naming each option whose value
+    differs between its recipe and `recipe`.
+    """
     box: list[Any] = [None]
     if processes.is_main:
         if not path.is_file():
@@ -371,12 +470,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace, processes: Processes) 
     if isinstance(box[0], Exception):
         raise box[0]
     checkpoint = box[0]
-    recipe = {**_OPTION_DEFAULTS, "warmup_lr": checkpoint["recipe"]["lr"] / 10, **checkpoint["recipe"]}
-    differing = [
-        f"--{name.replace('_', '-')} {recipe[name]!r} there, {getattr(args, name)!r} here"
-        for name in RECIPE_OPTIONS
-        if recipe[name] != getattr(args, name)
-    ]
+    differing = Recipe.from_dict(checkpoint["recipe"]).differences(recipe)
     if differing:
         raise ValueError(f"{path} is a run with other options ({'; '.join(differing)}): resume it with the same options")
     return checkpoint
@@ -448,11 +542,12 @@ def main(argv: list[str] | None = None, *, record_drops: bool = False) -> RunRes
 
 def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool = False) -> RunResult:
     device, is_main = processes.device, processes.is_main
+    recipe = Recipe.from_dict(vars(args))
     output_dir = Path(args.output_dir)
     checkpoint_path = output_dir / "checkpoint.pt"
     checkpoint = None
     if args.resume is not None:
-        checkpoint = load_checkpoint(checkpoint_path if args.resume is True else Path(args.resume), args, processes)
+        checkpoint = load_checkpoint(checkpoint_path if args.resume is True else Path(args.resume), recipe, processes)
     elif is_main and checkpoint_path.exists():
         raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or another --output-dir")
     if args.batch_size < processes.world_size:
@@ -514,7 +609,7 @@ def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool 
         if is_main:
             save_atomically(
                 {
-                    "recipe": {name: getattr(args, name) for name in RECIPE_OPTIONS},
+                    "recipe": asdict(recipe),
                     "step": step,
                     "records": records,
                     "partial_epoch": partial_epoch,
