@@ -28,7 +28,6 @@ import argparse
 import json
 import re
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from statistics import fmean, pstdev
 from typing import Any
@@ -68,7 +67,7 @@ def load_trained(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], A
     mean_image, std = image_data.normalisation(splits.train)
     preprocess = image_data.Preprocess(mean_image, std, "none")
     augment = image_data.Preprocess(mean_image, std, args.augmentation)
-    model = train.build_model(args, splits.train.images.shape[1], splits.num_classes)
+    model = train.build_model(train.Recipe.from_dict(config), splits.train.images.shape[1], splits.num_classes)
     checkpoint = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     data = argparse.Namespace(train=splits.train, test=splits.test, preprocess=preprocess, augment=augment)
@@ -83,9 +82,8 @@ def _error(model: torch.nn.Module, split: Any, preprocess: Any, limit: int | Non
     """
     if limit is not None:
         split = image_data.LabelledImages(split.images[:limit], split.labels[:limit])
-    args = argparse.Namespace(eval_batch_size=1000)
     start = time.process_time()
-    _, error = train.evaluate(model, split, preprocess, args, train.Processes(), nullcontext())
+    _, error = train.evaluate(model, split, preprocess, train.Processes(), batch_size=1000)
     return error, time.process_time() - start
 
 

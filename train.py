@@ -19,6 +19,11 @@ each batch (``--batch-size`` is the batch of all processes together, so the reci
 change with their number), all processes drop the same blocks at every step, and only rank 0
 writes files and shows progress. Each epoch ``--output-dir`` gets ``metrics.json``,
 ``metrics.csv`` and ``checkpoint.pt`` (written atomically).
+
+Reading order: :class:`Recipe` (what defines a run) and :func:`parse_args`; :func:`main` and
+:func:`train`, the loop, which calls :func:`load_data`, :func:`build_training`,
+:func:`train_epoch`, :func:`end_epoch` (evaluation and the epoch's record) and the
+checkpoint and metrics functions.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +49,9 @@ from tqdm.auto import tqdm
 
 import image_data
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
-from training import BatchSampler, save_atomically, synchronize
+from training import (
+    BatchSampler, build_resnet, predict, save_atomically, synchronize, write_atomically, write_json_atomically,
+)  # fmt: skip
 
 # Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe
 # without flips, which would turn some digits into others.
@@ -54,66 +62,177 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
     "fashion-mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
 }
-# Options that define the run: a resumed run must be given the same ones.
-RECIPE_OPTIONS = (
-    "dataset", "val_size", "train_subset", "depth", "shortcut", "p_last", "plain", "survival_rule", "epochs", "batch_size",
-    "lr", "momentum", "weight_decay", "nesterov", "lr_milestones", "dropped_update", "augmentation", "seed",
-    "image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every",
-)  # fmt: skip
-# What a checkpoint written before an option existed was trained with.
-# (--warmup-lr: --lr / 10, filled in by load_checkpoint.)
-_OPTION_DEFAULTS = {"image_size": None, "warmup_steps": 0, "warmup_shape": "constant", "schedule_unit": "epoch",
-                    "eval_every": 1}
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "epoch_time_s", "eval_time_s", "mean_active_blocks",
 )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------
+# The recipe and the command line
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The options that define a run; a resumed run must have the same ones.
+
+    Each field is the ``train.py`` option of the same name (``p_last`` is ``--p-last``) with
+    the same default; see :func:`parse_args` for what each means. A default of None is filled
+    in on construction: ``depth``, ``epochs``, ``lr_milestones`` and ``augmentation`` from
+    the dataset's :data:`RECIPES`, ``warmup_lr`` as ``lr / 10``; ``val_size`` stays None (the
+    paper's split, see ``image_data``) and so do ``train_subset`` and ``image_size`` (none).
+    ``plain`` and ``p_last == 1`` are made to agree. A Recipe is therefore complete and valid.
+
+    A checkpoint stores it as a dict and ``metrics.json``'s config holds its fields;
+    :meth:`from_dict` reads both back. Whatever was stored before a field existed was
+    trained with that field's default, so a new field's default must be what runs did
+    without it.
+
+    Raises
+    ------
+    ValueError
+        For a value out of range, naming the option as the command line does
+        (``--depth must be 6n+2 ..., got 21``).
+    """
+
+    dataset: str = "cifar10"
+    val_size: int | None = None
+    train_subset: int | None = None
+    depth: int | None = None
+    shortcut: str = "A"
+    p_last: float = 0.5
+    plain: bool = False
+    survival_rule: str = "linear"
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+    lr_milestones: tuple[float, ...] | None = None
+    dropped_update: str = "decay"
+    augmentation: str | None = None
+    seed: int = 0
+    image_size: int | None = None
+    warmup_steps: int = 0
+    warmup_lr: float | None = None
+    warmup_shape: str = "constant"
+    schedule_unit: str = "epoch"
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        def fill(name: str, value: Any) -> None:  # how a frozen dataclass completes itself (see dataclasses)
+            object.__setattr__(self, name, value)
+
+        if self.dataset not in RECIPES:
+            raise ValueError(f"--dataset must be one of {', '.join(RECIPES)}, got {self.dataset!r}")
+        for name, value in RECIPES[self.dataset].items():
+            if getattr(self, name) is None:
+                fill(name, value)
+        fill("lr_milestones", tuple(self.lr_milestones))  # argparse and stored recipes give lists
+        if self.plain:
+            fill("p_last", 1.0)
+        fill("plain", self.p_last == 1.0)
+        if self.depth < 8 or (self.depth - 2) % 6:
+            raise ValueError(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {self.depth}")
+        if not 0.0 < self.p_last <= 1.0:
+            raise ValueError(f"--p-last must be in (0, 1], got {self.p_last}")
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"--train-subset must be positive, got {self.train_subset}")
+        if any(not 0.0 < f <= 1.0 for f in self.lr_milestones):
+            raise ValueError(f"--lr-milestones are fractions of the epochs in (0, 1], got {list(self.lr_milestones)}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be non-negative, got {self.seed}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be non-negative, got {self.warmup_steps}")
+        if self.warmup_lr is None:
+            fill("warmup_lr", self.lr / 10)
+        if self.warmup_lr <= 0:
+            raise ValueError(f"--warmup-lr must be positive, got {self.warmup_lr}")
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> Recipe:
+        """The recipe in `stored`: a checkpoint's ``"recipe"``, a ``metrics.json`` ``"config"``
+        or ``vars(parse_args())``. Keys that are no field (the run options) are ignored; fields
+        missing from it take their defaults (it was written before they existed)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in stored.items() if name in names})
+
+    def differences(self, other: Recipe) -> list[str]:
+        """``"--option <self's value> there, <other's value> here"`` for each field that differs."""
+        return [
+            f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} there, {getattr(other, f.name)!r} here"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Recipe)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line `argv` (default: ``sys.argv``), checked.
+
+    The namespace holds the run options and the fields of the completed :class:`Recipe`
+    (``Recipe.from_dict(vars(args))`` gives it back). Exits with argparse's usage message for a
+    bad value, naming it.
+    """
     parser = argparse.ArgumentParser(
         description="Train a ResNet with stochastic depth (or without) with the paper's recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=image_data.DATASETS, default="cifar10")
+    data.add_argument("--dataset", choices=image_data.DATASETS, default=_DEFAULTS["dataset"])
     data.add_argument("--data-dir", help="where the dataset is or goes (default: per dataset, see image_data.py)")
     data.add_argument("--no-download", dest="download", action="store_false", help="never download a missing dataset")
-    data.add_argument("--val-size", type=int, help="validation images held out of the training set (default: the paper's)")
-    data.add_argument("--train-subset", type=int, help="train on only this many images (smoke tests, quick runs)")
-    data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"], help="default: per dataset")
-    data.add_argument("--image-size", type=int, help="resize every image to this many pixels a side (bilinear, "
+    data.add_argument("--val-size", type=int, default=_DEFAULTS["val_size"],
+                      help="validation images held out of the training set (default: the paper's)")
+    data.add_argument("--train-subset", type=int, default=_DEFAULTS["train_subset"],
+                      help="train on only this many images (smoke tests, quick runs)")
+    data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"],
+                      default=_DEFAULTS["augmentation"], help="default: per dataset")
+    data.add_argument("--image-size", type=int, default=_DEFAULTS["image_size"],
+                      help="resize every image to this many pixels a side (bilinear, "
                       "antialiased) before anything else, e.g. 16 for a cheaper Fashion-MNIST run; a multiple of 4 for the "
                       "CIFAR networks with option A shortcuts, whose stages halve it twice (default: as stored)")
     model = parser.add_argument_group("model")
-    model.add_argument("--depth", type=int, help="6n+2; default 110 (SVHN: 152)")
-    model.add_argument("--shortcut", choices=["A", "projection"], default="A")
-    model.add_argument("--p-last", type=float, default=0.5, help="survival probability of the last block; 1 = plain")
-    model.add_argument("--plain", action="store_true", help="train the plain ResNet (same as --p-last 1)")
-    model.add_argument("--survival-rule", choices=["linear", "uniform"], default="linear")
+    model.add_argument("--depth", type=int, default=_DEFAULTS["depth"], help="6n+2; default 110 (SVHN: 152)")
+    model.add_argument("--shortcut", choices=["A", "projection"], default=_DEFAULTS["shortcut"])
+    model.add_argument("--p-last", type=float, default=_DEFAULTS["p_last"],
+                       help="survival probability of the last block; 1 = plain")
+    model.add_argument("--plain", action="store_true", default=_DEFAULTS["plain"],
+                       help="train the plain ResNet (same as --p-last 1)")
+    model.add_argument("--survival-rule", choices=["linear", "uniform"], default=_DEFAULTS["survival_rule"])
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, help="default 500 (SVHN: 50)")
-    optim.add_argument("--batch-size", type=int, default=128, help="of all processes together")
-    optim.add_argument("--lr", type=float, default=0.1)
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight-decay", type=float, default=1e-4)
-    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false")
-    optim.add_argument("--lr-milestones", type=float, nargs="+",
+    optim.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="default 500 (SVHN: 50)")
+    optim.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="of all processes together")
+    optim.add_argument("--lr", type=float, default=_DEFAULTS["lr"])
+    optim.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"])
+    optim.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"])
+    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_DEFAULTS["nesterov"])
+    optim.add_argument("--lr-milestones", type=float, nargs="+", default=_DEFAULTS["lr_milestones"],
                        help="fractions of the run (see --schedule-unit) after which lr /= 10")
-    optim.add_argument("--schedule-unit", choices=["epoch", "step"], default="epoch",
+    optim.add_argument("--schedule-unit", choices=["epoch", "step"], default=_DEFAULTS["schedule_unit"],
                        help="'epoch': lr drops after floor(f * epochs) epochs (the paper); 'step': after "
                        "floor(f * total steps) optimizer steps, for runs of a fixed number of steps or under one epoch")
-    optim.add_argument("--warmup-steps", type=int, default=0,
+    optim.add_argument("--warmup-steps", type=int, default=_DEFAULTS["warmup_steps"],
                        help="warm the first N optimizer steps up from --warmup-lr (see --warmup-shape; He et al. warm "
                        "ResNet-110 up at lr 0.01 for about 400 iterations); the schedule then goes on as without it")
-    optim.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (default: --lr / 10)")
-    optim.add_argument("--warmup-shape", choices=["constant", "linear"], default="constant",
+    optim.add_argument("--warmup-lr", type=float, default=_DEFAULTS["warmup_lr"],
+                       help="lr of the warm-up steps (default: --lr / 10)")
+    optim.add_argument("--warmup-shape", choices=["constant", "linear"], default=_DEFAULTS["warmup_shape"],
                        help="'constant': every warm-up step at --warmup-lr (He et al.); 'linear': from --warmup-lr "
                        "at the first step towards the scheduled lr, reached at step --warmup-steps (Goyal et al., 2017)")
     optim.add_argument(
         "--dropped-update",
         choices=["decay", "skip"],
-        default="decay",
+        default=_DEFAULTS["dropped_update"],
         help="'decay': a dropped block's parameters get a zero gradient, so weight decay and momentum still "
         "move them (the official code, which produced the paper's numbers); 'skip': they are left alone "
         "for that step (PyTorch's optimizers skip parameters whose grad is None)",
@@ -122,49 +241,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--output-dir", default="outputs/train")
     run.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                      help="continue from CHECKPOINT (default: OUTPUT_DIR/checkpoint.pt)")  # fmt: skip
-    run.add_argument("--seed", type=int, default=0, help="weights, split, batch order, drops, augmentation")
+    run.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="weights, split, batch order, drops, augmentation")
     run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
     run.add_argument("--device", help="default: cuda (this process's GPU under torchrun) if available, else cpu")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels_last memory format (default: on CUDA only)")  # fmt: skip
     run.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
     run.add_argument("--eval-batch-size", type=int, default=1000)
-    run.add_argument("--eval-every", type=int, default=1,
+    run.add_argument("--eval-every", type=int, default=_DEFAULTS["eval_every"],
                      help="evaluate on the validation and test sets every N epochs and after the last one; "
                      "the best validation epoch is chosen among those")
     run.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
 
-    for name, value in RECIPES[args.dataset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.plain:
-        args.p_last = 1.0
-    args.plain = args.p_last == 1.0
-    if args.depth < 8 or (args.depth - 2) % 6:
-        parser.error(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {args.depth}")
-    if not 0.0 < args.p_last <= 1.0:
-        parser.error(f"--p-last must be in (0, 1], got {args.p_last}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "eval_every"):
+    try:
+        recipe = Recipe.from_dict(vars(args))
+    except ValueError as error:
+        parser.error(str(error))
+    vars(args).update(asdict(recipe))
+    for name in ("eval_batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.train_subset is not None and args.train_subset < 1:
-        parser.error(f"--train-subset must be positive, got {args.train_subset}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be positive, got {args.max_steps}")
-    if any(not 0.0 < f <= 1.0 for f in args.lr_milestones):
-        parser.error(f"--lr-milestones are fractions of the epochs in (0, 1], got {args.lr_milestones}")
-    if args.seed < 0:
-        parser.error(f"--seed must be non-negative, got {args.seed}")
-    if args.image_size is not None and args.image_size < 8:
-        parser.error(f"--image-size must be at least 8 pixels, got {args.image_size}")
-    if args.warmup_steps < 0:
-        parser.error(f"--warmup-steps must be non-negative, got {args.warmup_steps}")
-    if args.warmup_lr is None:
-        args.warmup_lr = args.lr / 10
-    if args.warmup_lr <= 0:
-        parser.error(f"--warmup-lr must be positive, got {args.warmup_lr}")
     return args
 
 
@@ -224,34 +324,36 @@ def _all_reduce_sum(tensor: Tensor, processes: Processes) -> Tensor:
 # ----------------------------------------------------------------------------------
 
 
-def build_model(args: argparse.Namespace, in_channels: int, num_classes: int) -> ResNet:
-    """The CIFAR ResNet of ``args.depth``; stochastic unless ``args.plain``. Same weights for the same seed."""
-    torch.manual_seed(args.seed)
-    common = dict(in_channels=in_channels, num_classes=num_classes, shortcut=args.shortcut)
-    if args.plain:
-        return ResNet.cifar(args.depth, **common)
-    return StochasticResNet.cifar(
-        args.depth, p_last=args.p_last, survival_rule=args.survival_rule, seed=args.seed, **common
-    )
+def build_model(recipe: Recipe, in_channels: int, num_classes: int) -> ResNet:
+    """The CIFAR ResNet of ``recipe.depth`` for (N, `in_channels`, H, W) images, `num_classes` logits.
+
+    A ``StochasticResNet`` unless ``recipe.plain``; the same initial weights for the same
+    ``recipe.seed``, plain or not (``training.build_resnet``, which seeds torch's global RNG).
+    `recipe` may also be :func:`parse_args`' namespace, which has the same attributes.
+    """
+    stochastic = None if recipe.plain else dict(p_last=recipe.p_last, survival_rule=recipe.survival_rule, seed=recipe.seed)
+    return build_resnet("cifar", recipe.depth, seed=recipe.seed, stochastic=stochastic,
+                        in_channels=in_channels, num_classes=num_classes, shortcut=recipe.shortcut)  # fmt: skip
 
 
 def make_optimizer(
-    model: nn.Module, args: argparse.Namespace, steps_per_epoch: int = 1
+    model: nn.Module, recipe: Recipe, steps_per_epoch: int = 1
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
     """The recipe's SGD (Nesterov, no dampening) and its lr schedule.
 
     The schedule is stepped once per epoch, or once per optimizer step with
     ``--schedule-unit step`` (its milestones are then in steps of the
     ``epochs * steps_per_epoch`` of the run). The warm-up is not part of it (see :func:`warmup_lr`).
+    `recipe` may also be :func:`parse_args`' namespace.
     """
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, dampening=0.0,
-        weight_decay=args.weight_decay, nesterov=args.nesterov,
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, dampening=0.0,
+        weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
     )  # fmt: skip
     # lr /= 10 after floor(f * epochs) epochs: the paper's "after epochs 250 and 375" of 500, and the
     # official code's rule (epoch < f * epochs keeps the higher rate) where f * epochs is not whole.
-    length = args.epochs * (steps_per_epoch if args.schedule_unit == "step" else 1)
-    milestones = [math.floor(f * length) for f in args.lr_milestones]
+    length = recipe.epochs * (steps_per_epoch if recipe.schedule_unit == "step" else 1)
+    milestones = [math.floor(f * length) for f in recipe.lr_milestones]
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
 
@@ -328,25 +430,35 @@ def training_step(
     return loss, logits
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, split: image_data.LabelledImages, preprocess: image_data.Preprocess, args: argparse.Namespace,
-    processes: Processes, autocast: Any,
+    model: nn.Module, split: image_data.LabelledImages, preprocess: image_data.Preprocess, processes: Processes,
+    *, batch_size: int, autocast: Any = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and error rate on `split`; each process evaluates its share."""
-    model.eval()
-    totals = torch.zeros(3, device=processes.device)  # loss sum, errors, count
-    indices = torch.arange(processes.rank, len(split.labels), processes.world_size, device=processes.device)
-    for chunk in indices.split(args.eval_batch_size):
-        with autocast:
-            logits = model(preprocess(split.images[chunk]))
-        labels = split.labels[chunk]
-        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        totals[1] += (logits.argmax(1) != labels).sum()
-        totals[2] += len(chunk)
-    model.train()
+    """Mean cross-entropy (nats per image) and error rate (fraction) of `model` on all of `split`.
+
+    `model` runs in eval mode (``training.predict``: each of its modules has its own mode
+    back afterwards) on this process's share of `split` (every ``world_size``-th image from
+    its rank), `batch_size` images at a time, preprocessed without augmentation, under
+    `autocast` if given; the sums are all-reduced, so every process returns the same numbers.
+    `split` holds (N, C, H, W) images and (N,) labels on ``processes.device``.
+    """
+    share = slice(processes.rank, None, processes.world_size)
+    logits = predict(model, split.images[share], batch_size=batch_size, preprocess=preprocess, autocast=autocast).float()
+    labels = split.labels[share]
+    totals = torch.zeros(3, device=processes.device)  # loss sum, errors, images
+    totals[0] = F.cross_entropy(logits, labels, reduction="sum")
+    totals[1] = (logits.argmax(1) != labels).sum()
+    totals[2] = len(labels)
     loss, errors, count = _all_reduce_sum(totals, processes).tolist()
     return loss / count, errors / count
+
+
+def _share_batchnorm_statistics(model: nn.Module, processes: Processes) -> None:
+    """Give every process rank 0's BatchNorm statistics: each process updated its own on its
+    share of the batches, and rank 0's are the ones evaluated everywhere and checkpointed."""
+    if processes.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 # ----------------------------------------------------------------------------------
@@ -354,8 +466,49 @@ def evaluate(
 # ----------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: Path, args: argparse.Namespace, processes: Processes) -> dict[str, Any]:
-    """Rank 0 reads the checkpoint and sends it to the others (no shared disk needed)."""
+@dataclass
+class EpochProgress:
+    """This process's training totals of the epoch under way.
+
+    A checkpoint written inside an epoch (``--max-steps``) keeps them, so that a resumed run
+    reports that epoch as an uninterrupted one would.
+
+    Attributes
+    ----------
+    totals : Tensor
+        (2,) float32: the sum of the batch-mean losses times the batch sizes (nats) and the
+        number of misclassified training images. On the training device while it runs, so
+        that no step waits for the device to add to it.
+    images_seen : int
+        Training images seen, kept on the host: a tensor made from it on a GPU would wait.
+    active_blocks : float
+        Sum over the steps of the number of residual blocks that ran (stochastic depth only).
+    seconds : float
+        Training time of the steps so far (wall clock, device synchronised).
+    """
+
+    totals: Tensor = field(default_factory=lambda: torch.zeros(2))
+    images_seen: int = 0
+    active_blocks: float = 0.0
+    seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``"partial_epoch"``: plain values and a CPU tensor (``weights_only`` loads)."""
+        return {"totals": self.totals.cpu(), "images_seen": self.images_seen, "active_blocks": self.active_blocks,
+                "seconds": self.seconds}  # fmt: skip
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> EpochProgress:
+        """Read :meth:`state_dict`'s dict back; ``{}`` (saved at the end of an epoch) is a new epoch."""
+        return cls(**state)
+
+
+def load_checkpoint(path: Path, recipe: Recipe, processes: Processes) -> dict[str, Any]:
+    """The checkpoint at `path`: rank 0 reads it and sends it to the others (no shared disk needed).
+
+    Raises FileNotFoundError if there is none, and ValueError naming each option whose value
+    differs between its recipe and `recipe`.
+    """
     box: list[Any] = [None]
     if processes.is_main:
         if not path.is_file():
@@ -367,23 +520,37 @@ def load_checkpoint(path: Path, args: argparse.Namespace, processes: Processes) 
     if isinstance(box[0], Exception):
         raise box[0]
     checkpoint = box[0]
-    recipe = {**_OPTION_DEFAULTS, "warmup_lr": checkpoint["recipe"]["lr"] / 10, **checkpoint["recipe"]}
-    differing = [
-        f"--{name.replace('_', '-')} {recipe[name]!r} there, {getattr(args, name)!r} here"
-        for name in RECIPE_OPTIONS
-        if recipe[name] != getattr(args, name)
-    ]
+    differing = Recipe.from_dict(checkpoint["recipe"]).differences(recipe)
     if differing:
         raise ValueError(f"{path} is a run with other options ({'; '.join(differing)}): resume it with the same options")
     return checkpoint
 
 
+def checkpoint_to_resume(recipe: Recipe, args: argparse.Namespace, processes: Processes) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` asks for (see :func:`load_checkpoint`), or None for a new run.
+
+    Raises FileExistsError when a new run would overwrite the checkpoint of another.
+    """
+    path = Path(args.output_dir) / "checkpoint.pt"
+    if args.resume is not None:
+        return load_checkpoint(path if args.resume is True else Path(args.resume), recipe, processes)
+    if processes.is_main and path.exists():
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or another --output-dir")
+    return None
+
+
 def write_metrics(output_dir: Path, records: list[dict[str, Any]], summary: dict[str, Any], config: dict[str, Any]) -> None:
-    (output_dir / "metrics.json").write_text(json.dumps({"config": config, "summary": summary, "epochs": records}, indent=1))
-    with (output_dir / "metrics.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(records)
+    """``metrics.json`` (config, summary, the per-epoch records) and ``metrics.csv`` (the records,
+    one row per epoch in :data:`METRIC_COLUMNS`), each written atomically."""
+    write_json_atomically(output_dir / "metrics.json", {"config": config, "summary": summary, "epochs": records}, indent=1)
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(records)
+
+    write_atomically(output_dir / "metrics.csv", write_csv)
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -416,10 +583,145 @@ class RunResult:
     drops: list[Tensor] | None = None
 
 
-def _augmentation_seed(seed: int, step: int) -> int:
-    # Each step's shifts and flips depend on the seed and step alone: no state to checkpoint,
-    # and the same for any number of processes.
-    return (seed << 32) + step
+@dataclass
+class Data:
+    """The run's data, on the training device: training batches, validation and test splits."""
+
+    batches: BatchSampler  # the global batches, the same in every process
+    preprocess: image_data.Preprocess  # normalisation, augmentation, memory format
+    val: image_data.LabelledImages  # (N, C, H, W) stored images and (N,) labels; N may be 0
+    test: image_data.LabelledImages
+    in_channels: int
+    num_classes: int
+    seed: int  # of the augmentation
+    generator: torch.Generator  # the augmentation's, reseeded at each step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches.batches_per_epoch
+
+    def next_share(self, step: int, processes: Processes) -> tuple[Tensor, Tensor]:
+        """This process's share of the next global batch, preprocessed and augmented for `step`."""
+        images, labels = self.batches.next_batch()
+        # Each step's shifts and flips depend on the seed and step alone: no state to checkpoint,
+        # and the same for any number of processes, as the whole batch is augmented before it is shared.
+        self.generator.manual_seed((self.seed << 32) + step)
+        images = self.preprocess(images, self.generator)
+        share = slice(processes.rank, None, processes.world_size)
+        return images[share], labels[share]
+
+
+def load_data(recipe: Recipe, args: argparse.Namespace, processes: Processes) -> Data:
+    """The recipe's splits (its subset, resized), normalised by the training images' statistics.
+
+    The first process of each machine downloads a missing dataset, the others wait and then
+    read it. Raises ValueError when a batch, or the last batch of an epoch, has fewer images
+    than there are processes (each needs a share), and ``image_data.DatasetUnavailableError``
+    when the dataset is missing and cannot be downloaded.
+    """
+    if recipe.batch_size < processes.world_size:
+        raise ValueError(f"--batch-size {recipe.batch_size} is smaller than the {processes.world_size} processes")
+    if processes.local_rank != 0:
+        processes.barrier()
+    splits = image_data.load_splits(
+        recipe.dataset, args.data_dir, val_size=recipe.val_size, seed=recipe.seed, download=args.download
+    )
+    if processes.local_rank == 0:
+        processes.barrier()
+    if recipe.train_subset is not None:  # the split is random, so the first images are a random subset
+        splits.train = image_data.LabelledImages(splits.train.images[: recipe.train_subset], splits.train.labels[: recipe.train_subset])
+    if recipe.image_size is not None:
+        splits.train, splits.val, splits.test = (resize_split(s, recipe.image_size) for s in (splits.train, splits.val, splits.test))
+    device = processes.device
+    mean_image, std = image_data.normalisation(splits.train)
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    preprocess = image_data.Preprocess(mean_image, std, recipe.augmentation, channels_last)
+    val, test = (image_data.LabelledImages(s.images.to(device), s.labels.to(device)) for s in (splits.val, splits.test))
+    batches = BatchSampler(splits.train.images, splits.train.labels, recipe.batch_size, seed=recipe.seed, device=device)
+    last_batch = len(splits.train.labels) - (batches.batches_per_epoch - 1) * recipe.batch_size
+    if last_batch < processes.world_size:
+        raise ValueError(
+            f"the last batch of an epoch has {last_batch} images, fewer than the {processes.world_size} processes: "
+            "change --batch-size or --val-size"
+        )
+    return Data(batches, preprocess, val, test, splits.train.images.shape[1], splits.num_classes, recipe.seed,
+                torch.Generator(device))  # fmt: skip
+
+
+@dataclass
+class Training:
+    """What the optimizer steps use and change."""
+
+    model: ResNet
+    network: nn.Module  # what the steps call: `model`, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    autocast: Any  # context manager of --amp
+    scaler: torch.amp.GradScaler
+    set_to_none: bool  # zero_grad's, for --dropped-update
+
+    @property
+    def stochastic(self) -> bool:
+        return isinstance(self.model, StochasticResNet)
+
+
+def build_training(recipe: Recipe, args: argparse.Namespace, processes: Processes, data: Data) -> Training:
+    """The recipe's model on the device, wrapped for DDP under torchrun, its optimizer and schedule."""
+    device = processes.device
+    model = build_model(recipe, data.in_channels, data.num_classes).to(device)
+    if data.preprocess.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    network: nn.Module = model
+    if processes.distributed:
+        # Dropped blocks produce no gradient: DDP must look for unused parameters each step.
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=isinstance(model, StochasticResNet),
+        )  # fmt: skip
+    optimizer, scheduler = make_optimizer(model, recipe, data.steps_per_epoch)
+    autocast, scaler = mixed_precision(args.amp, device)
+    set_to_none = prepare_gradients(model, recipe.dropped_update)
+    return Training(model, network, optimizer, scheduler, autocast, scaler, set_to_none)
+
+
+def save_checkpoint(
+    path: Path, recipe: Recipe, training: Training, batches: BatchSampler, step: int, records: list[dict[str, Any]],
+    progress: EpochProgress | None,
+) -> None:
+    """Everything a resumed run needs, written atomically; `progress` is None at the end of an epoch.
+
+    Only plain values and tensors, so that it loads with ``weights_only=True``.
+    """
+    model = training.model
+    save_atomically(
+        {
+            "recipe": asdict(recipe),
+            "step": step,
+            "records": records,
+            "partial_epoch": {} if progress is None else progress.state_dict(),
+            "model": model.state_dict(),
+            "optimizer": training.optimizer.state_dict(),
+            "scheduler": training.scheduler.state_dict(),
+            "scaler": training.scaler.state_dict(),
+            "batches": batches.state_dict(),
+            "stochastic_depth": stochastic_depth_state(model).get_state() if training.stochastic else None,
+        },
+        path,
+    )
+
+
+def restore_checkpoint(
+    checkpoint: Mapping[str, Any], training: Training, batches: BatchSampler
+) -> tuple[int, list[dict[str, Any]], EpochProgress]:
+    """Put the checkpoint's state into `training` and `batches`; returns its step, records and epoch progress."""
+    training.model.load_state_dict(checkpoint["model"])
+    training.optimizer.load_state_dict(checkpoint["optimizer"])
+    training.scheduler.load_state_dict(checkpoint["scheduler"])
+    training.scaler.load_state_dict(checkpoint["scaler"])
+    batches.load_state_dict(checkpoint["batches"])
+    if training.stochastic:
+        stochastic_depth_state(training.model).set_state(checkpoint["stochastic_depth"])
+    return checkpoint["step"], checkpoint["records"], EpochProgress.from_state_dict(checkpoint["partial_epoch"])
 
 
 def main(argv: list[str] | None = None, *, record_drops: bool = False) -> RunResult:
@@ -428,203 +730,165 @@ def main(argv: list[str] | None = None, *, record_drops: bool = False) -> RunRes
     `record_drops` keeps each step's ``active_blocks`` in the result (for tests).
     """
     args = parse_args(argv)
+    recipe = Recipe.from_dict(vars(args))
     processes = start_processes(args.device)
     try:
-        return train(args, processes, record_drops=record_drops)
+        return train(recipe, args, processes, record_drops=record_drops)
     finally:
         if processes.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace, processes: Processes, *, record_drops: bool = False) -> RunResult:
-    device, is_main = processes.device, processes.is_main
+def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, record_drops: bool = False) -> RunResult:
+    """Train `recipe`'s model, or resume its run, until its last epoch or ``--max-steps``.
+
+    `args` gives the run options (:func:`parse_args`' namespace; its recipe fields are not
+    read here). Each epoch: its steps (:func:`train_epoch`), BatchNorm statistics made equal
+    across processes, evaluation and the epoch's record (:func:`end_epoch`), the lr schedule's
+    epoch step, then a checkpoint and the metrics files. A run stopped inside an epoch saves the
+    epoch's progress with its checkpoint and resumes it exactly. `record_drops` keeps each
+    step's ``active_blocks`` in the result.
+
+    Raises FileExistsError, FileNotFoundError or ValueError (see :func:`checkpoint_to_resume`
+    and :func:`load_data`), and FloatingPointError at a non-finite training loss.
+    """
     output_dir = Path(args.output_dir)
-    checkpoint_path = output_dir / "checkpoint.pt"
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint = load_checkpoint(checkpoint_path if args.resume is True else Path(args.resume), args, processes)
-    elif is_main and checkpoint_path.exists():
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or another --output-dir")
-    if args.batch_size < processes.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is smaller than the {processes.world_size} processes")
-
-    # Data: the first process of each machine downloads, the others wait and then read.
-    if processes.local_rank != 0:
-        processes.barrier()
-    splits = image_data.load_splits(
-        args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, download=args.download
-    )
-    if processes.local_rank == 0:
-        processes.barrier()
-    if args.train_subset is not None:  # the split is random, so the first images are a random subset
-        splits.train = image_data.LabelledImages(splits.train.images[: args.train_subset], splits.train.labels[: args.train_subset])
-    if args.image_size is not None:
-        splits.train, splits.val, splits.test = (resize_split(s, args.image_size) for s in (splits.train, splits.val, splits.test))
-    mean_image, std = image_data.normalisation(splits.train)
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    preprocess = image_data.Preprocess(mean_image, std, args.augmentation, channels_last)
-    val, test = (image_data.LabelledImages(s.images.to(device), s.labels.to(device)) for s in (splits.val, splits.test))
-    # Every process draws the same global batches and takes its share (rank::world_size).
-    batches = BatchSampler(splits.train.images, splits.train.labels, args.batch_size, seed=args.seed, device=device)
-    steps_per_epoch = batches.batches_per_epoch
-    last_batch = len(splits.train.labels) - (steps_per_epoch - 1) * args.batch_size
-    if last_batch < processes.world_size:
-        raise ValueError(
-            f"the last batch of an epoch has {last_batch} images, fewer than the {processes.world_size} processes: "
-            "change --batch-size or --val-size"
-        )
-
-    model = build_model(args, splits.train.images.shape[1], splits.num_classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    stochastic = isinstance(model, StochasticResNet)
-    network: nn.Module = model
-    if processes.distributed:
-        # Dropped blocks produce no gradient: DDP must look for unused parameters each step.
-        network = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=stochastic
-        )
-    optimizer, scheduler = make_optimizer(model, args, steps_per_epoch)
-    autocast, scaler = mixed_precision(args.amp, device)
-    set_to_none = prepare_gradients(model, args.dropped_update)
-
-    step, records = 0, []
-    partial: dict[str, Any] = {}
+    checkpoint = checkpoint_to_resume(recipe, args, processes)
+    data = load_data(recipe, args, processes)
+    training = build_training(recipe, args, processes, data)
+    step, records, progress = 0, [], EpochProgress()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        batches.load_state_dict(checkpoint["batches"])
-        if stochastic:
-            stochastic_depth_state(model).set_state(checkpoint["stochastic_depth"])
-        step, records, partial = checkpoint["step"], checkpoint["records"], checkpoint["partial_epoch"]
+        step, records, progress = restore_checkpoint(checkpoint, training, data.batches)
 
-    def save_checkpoint(partial_epoch: dict[str, Any]) -> None:
-        if is_main:
-            save_atomically(
-                {
-                    "recipe": {name: getattr(args, name) for name in RECIPE_OPTIONS},
-                    "step": step,
-                    "records": records,
-                    "partial_epoch": partial_epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "batches": batches.state_dict(),
-                    "stochastic_depth": stochastic_depth_state(model).get_state() if stochastic else None,
-                },
-                checkpoint_path,
-            )
-
-    config = {**vars(args), "world_size": processes.world_size, "device": str(device),
-              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}  # fmt: skip
-    if is_main:
+    config = {**vars(args), **asdict(recipe), "world_size": processes.world_size, "device": str(processes.device),
+              "parameters": sum(p.numel() for p in training.model.parameters()), "torch": torch.__version__}  # fmt: skip
+    if processes.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        print(f"train.py: {args.dataset}, ResNet-{args.depth} ({config['parameters']:,} parameters), "
-              f"{'plain' if args.plain else f'stochastic depth p_L={args.p_last}'}, {processes.world_size} "
-              f"process(es) on {device}, {steps_per_epoch} steps per epoch", flush=True)  # fmt: skip
+        model_text = "plain" if recipe.plain else f"stochastic depth p_L={recipe.p_last}"
+        print(f"train.py: {recipe.dataset}, ResNet-{recipe.depth} ({config['parameters']:,} parameters), {model_text}, "
+              f"{processes.world_size} process(es) on {processes.device}, {data.steps_per_epoch} steps per epoch",
+              flush=True)  # fmt: skip
 
-    total_steps = args.epochs * steps_per_epoch
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = recipe.epochs * steps_per_epoch
     stop_at = min(total_steps, args.max_steps or total_steps)
-    augment_generator = torch.Generator(device)
     drops: list[Tensor] | None = [] if record_drops else None
-    bar = tqdm(total=stop_at, initial=step, disable=not (is_main and args.progress), unit="step", dynamic_ncols=True)
+    bar = tqdm(total=stop_at, initial=step, disable=not (processes.is_main and args.progress), unit="step", dynamic_ncols=True)
     while step < stop_at:
         epoch = step // steps_per_epoch  # 0-based
-        # Training totals of this epoch: loss sum and errors on the device (no sync per step),
-        # image count on the host (a tensor made from it on a GPU would wait for the GPU).
-        totals = partial.get("totals", torch.zeros(2)).to(device)
-        images_seen = partial.get("images_seen", 0)
-        active_blocks, seconds = partial.get("active_blocks", 0.0), partial.get("seconds", 0.0)
-        pending: list[Tensor] = []
-        epoch_end = min((epoch + 1) * steps_per_epoch, stop_at)
-        synchronize(device)
-        start = time.perf_counter()
-        while step < epoch_end:
-            images, labels = batches.next_batch()
-            augment_generator.manual_seed(_augmentation_seed(args.seed, step))
-            images = preprocess(images, augment_generator)[processes.rank :: processes.world_size]
-            labels = labels[processes.rank :: processes.world_size]
-            if stochastic:  # every process drops the same blocks at this step, by construction
-                set_step(model, step)
-            with warmup_lr(optimizer, args.warmup_lr, step, args.warmup_steps, args.warmup_shape):
-                loss, logits = training_step(network, optimizer, scaler, autocast, images, labels, set_to_none)
-            step += 1
-            if args.schedule_unit == "step":
-                scheduler.step()
-            with torch.no_grad():
-                totals[0] += loss.detach().float() * len(labels)
-                totals[1] += (logits.argmax(1) != labels).sum()
-            images_seen += len(labels)
-            pending.append(loss.detach().float())
-            if stochastic:
-                active_blocks += model.active_blocks.sum().item()
-                if drops is not None:
-                    drops.append(model.active_blocks.clone())
-            if len(pending) == args.log_every or step == epoch_end:
-                losses = _all_reduce_sum(torch.stack(pending), processes) / processes.world_size
-                bad = (~torch.isfinite(losses)).nonzero()
-                if len(bad):
-                    first_bad = step - len(pending) + int(bad[0]) + 1
-                    raise FloatingPointError(
-                        f"training loss is {losses[bad[0]].item()} at optimizer step {first_bad} (epoch {epoch + 1}); "
-                        f"stopped; the last checkpoint in {output_dir} is from before it"
-                    )
-                bar.update(len(pending))
-                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1].item():.3f}", refresh=False)
-                pending = []
-        synchronize(device)
-        seconds += time.perf_counter() - start
-
-        if step < (epoch + 1) * steps_per_epoch:  # stopped by --max-steps inside the epoch
-            partial = {"totals": totals.cpu(), "images_seen": images_seen, "active_blocks": active_blocks, "seconds": seconds}
-            save_checkpoint(partial)
+        epoch_end = (epoch + 1) * steps_per_epoch
+        train_epoch(recipe, args, processes, data, training, range(step, min(epoch_end, stop_at)), progress, bar, drops)
+        step = min(epoch_end, stop_at)
+        if step < epoch_end:  # stopped by --max-steps inside the epoch
+            if processes.is_main:
+                save_checkpoint(output_dir / "checkpoint.pt", recipe, training, data.batches, step, records, progress)
             break
-        partial = {}
-        eval_start = time.perf_counter()
-        _share_batchnorm_statistics(model, processes)
-        val_loss = val_error = test_loss = test_error = None
-        if (epoch + 1) % args.eval_every == 0 or step == stop_at:
-            if len(val.labels):
-                val_loss, val_error = evaluate(model, val, preprocess, args, processes, autocast)
-            test_loss, test_error = evaluate(model, test, preprocess, args, processes, autocast)
-        loss_sum, errors, count = _all_reduce_sum(torch.cat([totals, torch.tensor([images_seen], device=device)]), processes).tolist()
-        records.append({
-            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / count, "train_error": errors / count,
-            "val_loss": val_loss, "val_error": val_error, "test_loss": test_loss, "test_error": test_error,
-            "epoch_time_s": seconds, "eval_time_s": time.perf_counter() - eval_start,
-            "mean_active_blocks": active_blocks / steps_per_epoch if stochastic else float(len(model.blocks)),
-        })  # fmt: skip
-        if args.schedule_unit == "epoch":
-            scheduler.step()
-        save_checkpoint({})
-        if is_main:
+        records.append(end_epoch(recipe, args, processes, data, training, epoch, progress, last=step == stop_at))
+        progress = EpochProgress()
+        if recipe.schedule_unit == "epoch":
+            training.scheduler.step()
+        if processes.is_main:
+            save_checkpoint(output_dir / "checkpoint.pt", recipe, training, data.batches, step, records, None)
             write_metrics(output_dir, records, summarise(records), config)
-            r = records[-1]
-            val_text = "" if val_error is None else f"val error {100 * val_error:.2f}%, "
-            test_text = "" if test_error is None else f"test error {100 * test_error:.2f}%, "
-            tqdm.write(f"epoch {r['epoch']}/{args.epochs}: train loss {r['train_loss']:.4f}, {val_text}"
-                       f"{test_text}{seconds:.1f} s")  # fmt: skip
+            tqdm.write(epoch_line(records[-1], recipe.epochs))
     bar.close()
+
     summary = summarise(records)
-    if is_main and records:
+    if processes.is_main and records:
         write_metrics(output_dir, records, summary, config)
-    if is_main:
+    if processes.is_main:
         where = f"stopped after step {step} of {total_steps}" if step < total_steps else "done"
         print(f"train.py: {where}; {json.dumps(summary)}", flush=True)
-    return RunResult(records, summary, model, step, drops)
+    return RunResult(records, summary, training.model, step, drops)
 
 
-def _share_batchnorm_statistics(model: nn.Module, processes: Processes) -> None:
-    """Give every process rank 0's BatchNorm statistics: each process updated its own on its
-    share of the batches, and rank 0's are the ones evaluated everywhere and checkpointed."""
-    if processes.distributed:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+def train_epoch(
+    recipe: Recipe, args: argparse.Namespace, processes: Processes, data: Data, training: Training, steps: range,
+    progress: EpochProgress, bar: tqdm, drops: list[Tensor] | None,
+) -> None:
+    """Take the optimizer `steps` (0-based, of one epoch), adding to `progress`.
 
+    Every ``--log-every`` steps and at the last one, the losses since the previous check are
+    averaged over the processes, checked and shown on `bar`. `drops`, if a list, gets each
+    step's (blocks,) bool ``active_blocks``. Raises FloatingPointError naming the first step
+    whose loss is not finite.
+    """
+    model, epoch = training.model, steps.start // data.steps_per_epoch
+    progress.totals = progress.totals.to(processes.device)
+    pending: list[Tensor] = []  # losses not yet checked, kept on the device: no synchronisation per step
+    synchronize(processes.device)
+    start = time.perf_counter()
+    for step in steps:
+        images, labels = data.next_share(step, processes)
+        if training.stochastic:  # every process drops the same blocks at this step, by construction
+            set_step(model, step)
+        with warmup_lr(training.optimizer, recipe.warmup_lr, step, recipe.warmup_steps, recipe.warmup_shape):
+            loss, logits = training_step(training.network, training.optimizer, training.scaler, training.autocast,
+                                         images, labels, training.set_to_none)  # fmt: skip
+        if recipe.schedule_unit == "step":
+            training.scheduler.step()
+        with torch.no_grad():
+            progress.totals[0] += loss.detach().float() * len(labels)
+            progress.totals[1] += (logits.argmax(1) != labels).sum()
+        progress.images_seen += len(labels)
+        pending.append(loss.detach().float())
+        if training.stochastic:
+            progress.active_blocks += model.active_blocks.sum().item()
+            if drops is not None:
+                drops.append(model.active_blocks.clone())
+        if len(pending) == args.log_every or step == steps[-1]:
+            losses = _all_reduce_sum(torch.stack(pending), processes) / processes.world_size
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                first_bad = step - len(pending) + int(bad[0]) + 2  # 1-based
+                raise FloatingPointError(
+                    f"training loss is {losses[bad[0]].item()} at optimizer step {first_bad} (epoch {epoch + 1}); "
+                    f"stopped; the last checkpoint in {args.output_dir} is from before it"
+                )
+            bar.update(len(pending))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1].item():.3f}", refresh=False)
+            pending = []
+    synchronize(processes.device)
+    progress.seconds += time.perf_counter() - start
+
+
+def end_epoch(
+    recipe: Recipe, args: argparse.Namespace, processes: Processes, data: Data, training: Training, epoch: int,
+    progress: EpochProgress, *, last: bool,
+) -> dict[str, Any]:
+    """The record of finished 0-based `epoch` (:data:`METRIC_COLUMNS`), the same in every process.
+
+    Gives every process rank 0's BatchNorm statistics, then evaluates on the validation and
+    test sets every ``--eval-every`` epochs and at the `last` (their losses and errors are None
+    otherwise, and the validation ones without a validation set). Training loss and error are
+    over all processes' images; losses are mean cross-entropies (nats), errors fractions.
+    """
+    model, device = training.model, processes.device
+    start = time.perf_counter()
+    _share_batchnorm_statistics(model, processes)
+    val_loss = val_error = test_loss = test_error = None
+    if (epoch + 1) % recipe.eval_every == 0 or last:
+        options = dict(batch_size=args.eval_batch_size, autocast=training.autocast)
+        if len(data.val.labels):
+            val_loss, val_error = evaluate(model, data.val, data.preprocess, processes, **options)
+        test_loss, test_error = evaluate(model, data.test, data.preprocess, processes, **options)
+    images_seen = torch.tensor([progress.images_seen], device=device)
+    loss_sum, errors, count = _all_reduce_sum(torch.cat([progress.totals, images_seen]), processes).tolist()
+    return {
+        "epoch": epoch + 1, "step": (epoch + 1) * data.steps_per_epoch, "lr": training.optimizer.param_groups[0]["lr"],
+        "train_loss": loss_sum / count, "train_error": errors / count,
+        "val_loss": val_loss, "val_error": val_error, "test_loss": test_loss, "test_error": test_error,
+        "epoch_time_s": progress.seconds, "eval_time_s": time.perf_counter() - start,
+        "mean_active_blocks": progress.active_blocks / data.steps_per_epoch if training.stochastic else float(len(model.blocks)),
+    }  # fmt: skip
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """The line shown after each epoch."""
+    val_text = "" if record["val_error"] is None else f"val error {100 * record['val_error']:.2f}%, "
+    test_text = "" if record["test_error"] is None else f"test error {100 * record['test_error']:.2f}%, "
+    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}, {val_text}{test_text}"
+            f"{record['epoch_time_s']:.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -50,13 +50,13 @@ class Recipe:
     """Model, optimiser and one training step of ``train.py``, for a synthetic batch stream."""
 
     def __init__(self, depth: int, plain: bool, device: torch.device, channels_last: bool, amp: str, in_channels: int = 3):
-        self.args = train.parse_args(["--dataset", "cifar10", "--depth", str(depth), *(["--plain"] if plain else [])])
-        self.model = train.build_model(self.args, in_channels, 10).to(device)
+        self.recipe = train.Recipe(dataset="cifar10", depth=depth, plain=plain)
+        self.model = train.build_model(self.recipe, in_channels, 10).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer, _ = train.make_optimizer(self.model, self.args)
+        self.optimizer, _ = train.make_optimizer(self.model, self.recipe)
         self.autocast, self.scaler = train.mixed_precision(amp, device)
-        self.set_to_none = train.prepare_gradients(self.model, self.args.dropped_update)
+        self.set_to_none = train.prepare_gradients(self.model, self.recipe.dropped_update)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss, _ = train.training_step(self.model, self.optimizer, self.scaler, self.autocast, images, labels, self.set_to_none)
