@@ -244,16 +244,19 @@ class History:
         """Write to `path`, as JSON or CSV according to its suffix."""
         path = Path(path)
         if path.suffix == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=1))
+            write_json_atomically(path, self.to_dict(), indent=1)
         elif path.suffix == ".csv":
-            with path.open("w", newline="") as file:
-                writer = csv.writer(file)
-                writer.writerow(["model", "iteration", *METRICS])
-                for model, metrics in self._values.items():
-                    for iteration, row in enumerate(zip(*(metrics[m] for m in METRICS)), start=1):
-                        writer.writerow([model, iteration, *map(repr, row)])
+            write_atomically(path, self._write_csv)
         else:
             raise ValueError(f"{path}: unknown format, use a .json or .csv name")
+
+    def _write_csv(self, path: Path) -> None:
+        with path.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["model", "iteration", *METRICS])
+            for model, metrics in self._values.items():
+                for iteration, row in enumerate(zip(*(metrics[m] for m in METRICS)), start=1):
+                    writer.writerow([model, iteration, *map(repr, row)])
 
     @classmethod
     def load(cls, path: str | Path) -> History:
