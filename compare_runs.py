@@ -6,7 +6,8 @@ the runs of two groups by seed and reports, for the test error at the best valid
 epoch, the final test error and the final training error, the mean difference (second
 group minus first, in percentage points) with a Student t 95% interval and the smallest
 difference the seeds could detect at 80% power; and the ratio of the median epoch times
-(geometric mean with its interval). The statistics are ``study.py``'s.
+(geometric mean with its interval). The statistics are :mod:`run_statistics`'s; neither they nor
+this script import torch.
 
 Usage::
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from study import paired_difference, paired_ratio
+from run_statistics import paired_difference, paired_ratio
 
 # Settings that may differ between runs of one comparison without changing what is compared.
 INCIDENTAL = {"seed", "output_dir", "resume", "progress", "log_every", "device", "torch", "data_dir", "download",
@@ -90,7 +91,7 @@ def compare(control_folders: Sequence[str | Path], treatment_folders: Sequence[s
         first = [100 * error(control[s]) for s in seeds]
         second = [100 * error(treatment[s]) for s in seeds]
         difference = paired_difference(second, first)
-        # study.py words a positive difference of accuracies as "better"; of errors it is "higher".
+        # paired_difference words a positive difference as "better"; of errors it is "higher".
         difference["verdict"] = {"better": "higher", "worse": "lower"}.get(difference["verdict"], difference["verdict"])
         result["errors"][name] = {"control": first, "treatment": second, "difference_points": difference}
     result["epoch_time_ratio"] = paired_ratio([treatment[s]["summary"]["median_epoch_time_s"] for s in seeds],

@@ -12,7 +12,7 @@ makes them). This module
   into ``depth_curve.json``;
 - computes the map from those files (:func:`regime_map`): per (depth, size) cell the paired
   difference stochastic - plain of the test error with its 95% interval (``compare_runs.compare``,
-  whose statistics are ``study.py``'s), with and without the re-estimation, the training errors
+  whose statistics are :mod:`run_statistics`'s), with and without the re-estimation, the training errors
   beside, the step-time ratio and the smallest difference the seeds could detect;
 - draws the map and the depth curve (:func:`plot_map`, :func:`plot_depth_curve`), reading files only.
 
@@ -37,8 +37,9 @@ import torch
 import compare_runs
 import image_data
 import train
+from run_statistics import paired_difference
 from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
-from study import _write_json_atomically, paired_difference
+from training import write_json_atomically
 
 # Training images used to re-estimate BatchNorm statistics and to measure the training error of the
 # evaluation network: the first ones of the run's training split (a random subset of it).
@@ -128,11 +129,11 @@ def evaluate_run(folder: str | Path, *, curve: bool = False) -> dict[str, Any]:
         blocks = len(residual_blocks(model))
         removed = sorted({0, *(round(f * blocks) for f in (0.125, 0.25, 0.375, 0.5))})
         test = image_data.LabelledImages(data.test.images[:CURVE_TEST_IMAGES], data.test.labels[:CURVE_TEST_IMAGES])
-        _write_json_atomically(folder / "depth_curve.json", depth_curve(model, test, data.preprocess, removed, CURVE_DRAWS, config["seed"]))
+        write_json_atomically(folder / "depth_curve.json", depth_curve(model, test, data.preprocess, removed, CURVE_DRAWS, config["seed"]))
     recompute_batchnorm_statistics(model, stats_images)
     result["test_error_bn"], _ = _error(model, data.test, data.preprocess)
     result["train_error_bn"], _ = _error(model, data.train, data.preprocess, STATISTICS_IMAGES)
-    _write_json_atomically(folder / "evaluation.json", result)
+    write_json_atomically(folder / "evaluation.json", result)
     return result
 
 
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         print(verdict(row, "test"))
         print("  BN re-estimated: " + verdict(row, "test_bn"))
     serialisable = json.loads(json.dumps(rows, default=str))
-    _write_json_atomically(args.root / "map.json", serialisable)
+    write_json_atomically(args.root / "map.json", serialisable)
     (args.root / "map.md").write_text(map_table(rows) + "\n")
     plot_map(rows, args.root / "map.png")
     depth = max((r["depth"] for r in rows), default=None)

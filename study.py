@@ -9,7 +9,9 @@ with the same settings reads it back instead of computing it, and an interrupted
 only what is missing (a job itself resumes from its last evaluation point).
 
 :func:`summarize` turns the results of several seeds into the study's verdicts, each with a 95%
-confidence interval across seeds (:func:`paired_difference`, :func:`paired_ratio`).
+confidence interval across seeds, from the stored results alone; it and :func:`verdict_lines`
+live in :mod:`study_summary`, the statistics in :mod:`run_statistics` (neither imports torch).
+This module re-exports the names a study's notebook uses.
 
 Typical use::
 
@@ -37,20 +39,30 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import optimize, stats
 from torch import nn
 from tqdm.auto import tqdm
 
 from mnist import LabelledImages, load_fashion_mnist, load_mnist
 from resnet_with_stochastic_depth import ResNet, StochasticResNet
+from run_statistics import (
+    fluctuation,
+    holm_adjusted,
+    mean_interval,
+    minimum_detectable_difference,
+    paired_difference,
+    paired_ratio,
+    shared_fluctuation,
+)
 from stochastic_depth.counting import training_flop_floor
 from stochastic_depth.evaluation_network import keep_blocks
-from training import pick_device, train_lockstep
+from study_summary import PLAIN, stochastic_name, summarize, verdict_lines
+from training import build_resnet, pick_device, predict, synchronize, train_lockstep, write_json_atomically
 
 __all__ = [
     "LOADERS",
     "StudySettings",
     "estimate_job_seconds",
+    "flop_floors",
     "fluctuation",
     "holm_adjusted",
     "load_results",
@@ -59,22 +71,18 @@ __all__ = [
     "missing_seeds",
     "paired_difference",
     "paired_ratio",
+    "record_flop_floors",
     "run_seed",
     "run_study",
+    "shared_fluctuation",
+    "stochastic_name",
     "summarize",
     "verdict_lines",
     "write_summary",
 ]
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
-PLAIN = "ResNet"
-CONFIDENCE = 0.95
-WARM_UP_STEPS = 5  # step times of the first iterations include one-off costs (allocation, kernel choice)
-
-
-def stochastic_name(p_last: float) -> str:
-    """Name of the StochasticResNet with this p_L in a study's histories, e.g. ``"p_L=0.5"``."""
-    return f"p_L={p_last:g}"
+EVAL_BATCH_SIZE = 1000  # images per forward pass in the whole-test evaluations
 
 
 # ----------------------------------------------------------------------------------
@@ -141,9 +149,10 @@ class StudySettings:
             raise ValueError(f"eval_samples must be None (the whole test set) or at least 1, got {self.eval_samples}")
         # Build once on the meta device (no memory, no time): bad depths, rules and
         # probabilities fail here, before any job starts, with the model's own message.
-        with torch.device("meta"):
+        # fork_rng: building seeds torch's global RNG, which settings must leave alone.
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
             for p_last in p_lasts:
-                self.build(StochasticResNet, p_last=p_last, seed=0)
+                self.build_model(p_last, seed=0)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as they read back from JSON (lists, not tuples)."""
@@ -172,21 +181,19 @@ class StudySettings:
         interval = self.iterations // self.evaluations
         return [interval * i for i in range(1, self.evaluations)] + [self.iterations]
 
-    def build(self, model_class: type[ResNet], **kwargs: Any) -> ResNet:
-        factory = {"imagenet": model_class.imagenet, "cifar": model_class.cifar}[self.layout]
-        if model_class is StochasticResNet:
-            kwargs.setdefault("survival_rule", self.survival_rule)
-        return factory(self.depth, in_channels=1, num_classes=10, **kwargs)
+    def build_model(self, p_last: float | None, seed: int) -> ResNet:
+        """The plain ResNet (`p_last` None) or the StochasticResNet with this p_L.
+
+        The initial weights depend on `seed` alone (:func:`training.build_resnet`), which also
+        seeds the stochastic model's drops.
+        """
+        stochastic = None if p_last is None else {"p_last": p_last, "survival_rule": self.survival_rule, "seed": seed}
+        return build_resnet(self.layout, self.depth, seed=seed, stochastic=stochastic, in_channels=1, num_classes=10)
 
     def build_models(self, seed: int) -> dict[str, ResNet]:
         """The plain ResNet and one StochasticResNet per p_L, all from identical weights."""
-        models: dict[str, ResNet] = {}
-        for name, p_last in [(PLAIN, None)] + [(stochastic_name(p), p) for p in self.p_lasts]:
-            torch.manual_seed(seed)  # the same initial weights for every model
-            if p_last is None:
-                models[name] = self.build(ResNet)
-            else:
-                models[name] = self.build(StochasticResNet, p_last=p_last, seed=seed)
+        models = {PLAIN: self.build_model(None, seed)}
+        models.update({stochastic_name(p): self.build_model(p, seed) for p in self.p_lasts})
         return models
 
 
@@ -200,7 +207,14 @@ def missing_seeds(settings: StudySettings, seeds: Sequence[int], output_dir: str
 
 
 def load_results(settings: StudySettings, seeds: Sequence[int], output_dir: str | Path) -> list[dict[str, Any]]:
-    """Read the results of `seeds`; raise FileNotFoundError naming the first missing one."""
+    """Read the results of `seeds`, as :func:`run_seed` returns them.
+
+    A result stored without its ``flop_floors`` gets them from :func:`record_flop_floors`'s
+    file. Raises FileNotFoundError naming the first missing result, ValueError for a file that
+    holds another run.
+    """
+    floors_file = flop_floors_path(output_dir, settings)
+    stored_floors = json.loads(floors_file.read_text()) if floors_file.exists() else None
     results = []
     for seed in seeds:
         path = result_path(output_dir, settings, seed)
@@ -209,15 +223,45 @@ def load_results(settings: StudySettings, seeds: Sequence[int], output_dir: str 
         result = json.loads(path.read_text())
         if result["settings"] != settings.to_dict() or result["seed"] != seed:
             raise ValueError(f"{path} holds a run of other settings or another seed; move it away and run again")
+        if "flop_floors" not in result and stored_floors is not None:
+            result["flop_floors"] = stored_floors
         results.append(result)
     return results
 
 
-def _write_json_atomically(path: Path, value: Any) -> None:
-    # Write beside and rename, so that a reader (or a killed writer) never sees half a file.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value))
-    os.replace(partial, path)
+def flop_floors(settings: StudySettings) -> dict[str, float]:
+    """Expected fraction of a plain step's FLOPs that each p_L still computes, by model name.
+
+    :func:`stochastic_depth.counting.training_flop_floor` of the plain ResNet with each
+    StochasticResNet's survival probabilities, e.g. ``{"p_L=0.5": 0.749}``; it counts one
+    training step of a 2-image batch on the CPU (FLOP fractions do not depend on the batch size).
+    Leaves torch's global RNG as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = settings.build_model(None, seed=0)
+        images, labels = torch.rand(2, 1, 28, 28), torch.tensor([0, 1])
+        floors = {}
+        for p_last in settings.p_lasts:
+            with torch.device("meta"):
+                probabilities = settings.build_model(p_last, seed=0).survival_probabilities
+            floors[stochastic_name(p_last)] = training_flop_floor(model, images, labels, probabilities)["floor"]
+    return floors
+
+
+def flop_floors_path(output_dir: str | Path, settings: StudySettings) -> Path:
+    return Path(output_dir) / "runs" / settings.key / "flop_floors.json"
+
+
+def record_flop_floors(settings: StudySettings, output_dir: str | Path) -> Path:
+    """Write :func:`flop_floors` beside the settings' runs, for results stored without them.
+
+    :func:`load_results` gives such results these floors; results made by :func:`run_seed`
+    carry their own. Returns the file's path (``runs/<settings key>/flop_floors.json``).
+    """
+    path = flop_floors_path(output_dir, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, flop_floors(settings), indent=1)
+    return path
 
 
 def run_seed(
@@ -253,7 +297,8 @@ def run_seed(
     -------
     dict
         The result: settings, seed, device, times, the per-iteration history, the whole-test
-        evaluations and the sub-network evaluations.
+        evaluations, the sub-network evaluations and the FLOP floors (:func:`flop_floors`):
+        everything :func:`summarize` needs.
     """
     path = result_path(output_dir, settings, seed)
     if path.exists():
@@ -282,10 +327,10 @@ def run_seed(
 
     def evaluate_at_points(iteration: int, trained: dict[str, nn.Module]) -> None:
         if iteration in points:
-            evaluations[str(iteration)] = {name: _evaluate(model, test_eval, device) for name, model in trained.items()}
+            evaluations[str(iteration)] = {name: _evaluate(model, test_eval) for name, model in trained.items()}
             if checkpoint is not None:
-                _write_json_atomically(progress_file, {"evaluations": evaluations,
-                                                       "elapsed_s": elapsed + time.time() - started})
+                write_json_atomically(progress_file, {"evaluations": evaluations,
+                                                      "elapsed_s": elapsed + time.time() - started})
 
     history = train_lockstep(
         models, train, test, iterations=settings.iterations, batch_size=settings.batch_size, device=device,
@@ -295,7 +340,7 @@ def run_seed(
     if len(history) < settings.iterations:  # Ctrl-C: train_lockstep stopped early, after a checkpoint
         raise KeyboardInterrupt(f"seed {seed} interrupted after iteration {len(history)}; run again to resume")
     subnetworks = {
-        name: _sample_subnetworks(model, test_eval, settings.subnetworks, seed, device)
+        name: _sample_subnetworks(model, test_eval, settings.subnetworks, seed)
         for name, model in models.items()
         if name != PLAIN
     }
@@ -318,28 +363,23 @@ def run_seed(
             "loss": {name: [evaluations[str(p)][name]["loss"] for p in points] for name in models},
         },
         "subnetworks": subnetworks,
+        "flop_floors": flop_floors(settings),
     }
-    _write_json_atomically(path, result)
+    write_json_atomically(path, result)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
         progress_file.unlink(missing_ok=True)
     return result
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1000) -> torch.Tensor:
-    """Softmax probabilities of `model` in eval mode, on the CPU."""
-    model.eval()
-    probabilities = [
-        F.softmax(model(images[i : i + batch_size].to(device)).float(), dim=1).cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    model.train()
-    return torch.cat(probabilities)
+def _probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities of `model` in eval mode (:func:`training.predict`), float32 on the CPU."""
+    return F.softmax(predict(model, images, batch_size=EVAL_BATCH_SIZE).float(), dim=1).cpu()
 
 
-def _evaluate(model: nn.Module, split: LabelledImages, device: torch.device) -> dict[str, float]:
-    probabilities = _predict(model, split.images, device)
+def _evaluate(model: nn.Module, split: LabelledImages) -> dict[str, float]:
+    """Whole-split ``accuracy`` (fraction correct) and ``loss`` (mean cross-entropy) of `model`."""
+    probabilities = _probabilities(model, split.images)
     return {
         "accuracy": _accuracy(probabilities, split.labels),
         "loss": F.nll_loss(probabilities.clamp_min(1e-12).log(), split.labels).item(),
@@ -350,9 +390,9 @@ def _accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     return (probabilities.argmax(dim=1) == labels).float().mean().item()
 
 
-def _sample_subnetworks(model: StochasticResNet, split: LabelledImages, k: int, seed: int, device: torch.device) -> dict:
+def _sample_subnetworks(model: StochasticResNet, split: LabelledImages, k: int, seed: int) -> dict:
     """Whole-test accuracy of the p_l-scaled network, of K sampled sub-networks and of their average."""
-    scaled = _predict(model, split.images, device)
+    scaled = _probabilities(model, split.images)
     probabilities = torch.tensor(model.survival_probabilities)
     generator = torch.Generator().manual_seed(seed)  # its own stream: the drops of training are untouched
     ensemble = torch.zeros_like(scaled)
@@ -361,7 +401,7 @@ def _sample_subnetworks(model: StochasticResNet, split: LabelledImages, k: int, 
         keep = torch.rand(len(probabilities), generator=generator) < probabilities
         # A training-time draw applied to every test image: kept blocks unscaled, BatchNorm in eval mode.
         with keep_blocks(model, keep.nonzero().flatten().tolist(), unscaled=True):
-            predicted = _predict(model, split.images, device)
+            predicted = _probabilities(model, split.images)
         ensemble += predicted
         accuracies.append(_accuracy(predicted, split.labels))
         active.append(int(keep.sum()))
@@ -497,10 +537,10 @@ def estimate_job_seconds(settings: StudySettings, output_dir: str | Path, device
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()
+            synchronize(device)  # queued GPU work belongs to the step
             trained = time.perf_counter()
-            _predict(model, images, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            predict(model, images)
+            synchronize(device)
             if attempt:
                 step_s += trained - start
                 test_s += time.perf_counter() - trained
@@ -509,341 +549,6 @@ def estimate_job_seconds(settings: StudySettings, output_dir: str | Path, device
     stochastic_share = len(settings.p_lasts) / len(models)
     evaluation_s = test_s * batches_per_test_set * (settings.evaluations + settings.subnetworks * stochastic_share)
     return settings.iterations * (step_s + test_s) + evaluation_s
-
-
-# ----------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------
-
-
-def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest true mean difference a two-sided paired t-test finds with the given power.
-
-    Uses the noncentral t distribution with ``n - 1`` degrees of freedom and the observed
-    standard deviation of the paired differences.
-    """
-    if n < 2 or not math.isfinite(sd):
-        return float("nan")
-    if sd == 0:
-        return 0.0
-    df = n - 1
-    critical = stats.t.ppf(1 - alpha / 2, df)
-
-    def shortfall(effect: float) -> float:
-        shift = effect / (sd / math.sqrt(n))
-        return stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift) - power
-
-    high = sd
-    while shortfall(high) < 0:  # widen the bracket until the power is reached
-        high *= 2
-        if not math.isfinite(shortfall(high)):
-            return float("nan")  # too few seeds: the noncentral t cannot be evaluated that far out
-    return float(optimize.brentq(shortfall, 0.0, high))
-
-
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """Mean of `values` and its Student t confidence interval, as ``(mean, low, high)``.
-
-    The t interval fits a few runs whose spread is unknown. When every value is the same the
-    interval has zero width; with one value it is undefined (NaN).
-    """
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        raise ValueError("need at least one value")
-    mean = float(values.mean())
-    if len(values) == 1:
-        return mean, float("nan"), float("nan")
-    sd = float(values.std(ddof=1))
-    if sd == 0:
-        return mean, mean, mean
-    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sd / math.sqrt(len(values)))
-    return mean, float(low), float(high)
-
-
-def paired_difference(treatment: Sequence[float], control: Sequence[float], confidence: float = CONFIDENCE) -> dict:
-    """Mean of ``treatment - control`` over paired runs, with a t confidence interval.
-
-    Each pair is one seed's comparison from identical starting weights and batches; the
-    interval is :func:`mean_interval` of the differences.
-
-    Returns
-    -------
-    dict
-        ``mean``, ``ci95`` ([low, high]), ``sd`` (of the differences), ``n``,
-        ``min_detectable`` (:func:`minimum_detectable_difference` at 80% power) and
-        ``verdict``: "better" (interval above 0), "worse" (below 0), or "no difference"
-        (interval holds 0).
-    """
-    differences = np.asarray(treatment, dtype=float) - np.asarray(control, dtype=float)
-    mean, low, high = mean_interval(differences, confidence)
-    n = len(differences)
-    sd = float(differences.std(ddof=1)) if n > 1 else float("nan")
-    if low > 0:
-        verdict = "better"
-    elif high < 0:
-        verdict = "worse"
-    else:
-        verdict = "no difference"
-    return {"mean": mean, "ci95": [low, high], "sd": sd, "n": n,
-            "min_detectable": minimum_detectable_difference(sd, n), "verdict": verdict}
-
-
-def holm_adjusted(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment of p-values for testing several hypotheses at once.
-
-    The study compares each p_L with the plain ResNet: with four values, one of them reaching
-    p < 0.05 by chance is far likelier than 5%. Holm's adjustment keeps the chance of any false
-    "better" or "worse" at 5% without assuming the tests are independent.
-    """
-    p = np.asarray(p_values, dtype=float)
-    order = np.argsort(p)
-    adjusted = np.empty_like(p)
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(p) - rank) * p[index]))
-        adjusted[index] = running
-    return adjusted.tolist()
-
-
-def _paired_t_p_value(differences: Sequence[float]) -> float:
-    differences = np.asarray(differences, dtype=float)
-    if len(differences) < 2:
-        return float("nan")
-    if np.all(differences == differences[0]):
-        return 1.0 if differences[0] == 0 else 0.0
-    return float(stats.ttest_1samp(differences, 0.0).pvalue)
-
-
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], confidence: float = CONFIDENCE) -> dict:
-    """Geometric mean of ``numerator / denominator`` over paired runs, with a confidence interval.
-
-    Ratios are averaged on the log scale, where they are symmetric (2x and 0.5x cancel), with
-    a t interval there, brought back by exponentiating. Pairs with a non-finite or
-    non-positive value are left out (and counted in ``n``'s absence).
-
-    Returns
-    -------
-    dict
-        ``mean`` (geometric), ``ci95`` ([low, high]), ``n`` (pairs used), ``verdict``: "above
-        1", "below 1" or "no difference from 1".
-    """
-    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
-    usable = np.isfinite(num) & np.isfinite(den) & (num > 0) & (den > 0)
-    if not usable.any():
-        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0, "verdict": "undefined"}
-    logs = paired_difference(np.log(num[usable]), np.log(den[usable]), confidence)
-    verdict = {"better": "above 1", "worse": "below 1", "no difference": "no difference from 1"}[logs["verdict"]]
-    return {"mean": math.exp(logs["mean"]), "ci95": [math.exp(v) for v in logs["ci95"]], "n": logs["n"],
-            "verdict": verdict}
-
-
-def fluctuation(values: Sequence[float]) -> float:
-    """How much a per-iteration curve jumps from one iteration to the next.
-
-    The standard deviation of successive differences divided by sqrt(2): for independent
-    noise around a slowly moving curve it is the noise's standard deviation, and no
-    smoothing (which lags behind a rising curve) is needed to find the trend.
-    """
-    return float(np.std(np.diff(np.asarray(values, dtype=float)), ddof=1) / math.sqrt(2))
-
-
-def shared_fluctuation(first: Sequence[float], second: Sequence[float]) -> float:
-    """Covariance of two curves' successive differences / 2: the jumps they make together.
-
-    Two models evaluated on the same test batch share that batch's difficulty; this is the
-    variance of that shared part (in the units of :func:`fluctuation` squared).
-    """
-    a, b = np.diff(np.asarray(first, dtype=float)), np.diff(np.asarray(second, dtype=float))
-    return float(np.cov(a, b, ddof=1)[0, 1] / 2)
-
-
-def _own_fluctuation(values: Sequence[float], reference: Sequence[float]) -> float:
-    """A curve's fluctuation without the part it shares with `reference` (NaN if none is left)."""
-    own_variance = fluctuation(values) ** 2 - shared_fluctuation(values, reference)
-    return math.sqrt(own_variance) if own_variance > 0 else float("nan")
-
-
-def _median_step_s(step_times: Sequence[float]) -> float:
-    return float(np.median(step_times[min(WARM_UP_STEPS, len(step_times) - 1) :]))
-
-
-def flop_floors(settings: StudySettings) -> dict[float, float]:
-    """Expected fraction of a plain step's FLOPs that each p_L still computes (see training_flop_floor)."""
-    torch.manual_seed(0)
-    model = settings.build(ResNet)
-    images, labels = torch.rand(2, 1, 28, 28), torch.tensor([0, 1])  # FLOP fractions do not depend on the batch size
-    floors = {}
-    for p_last in settings.p_lasts:
-        with torch.device("meta"):
-            probabilities = settings.build(StochasticResNet, p_last=p_last, seed=0).survival_probabilities
-        floors[p_last] = training_flop_floor(model, images, labels, probabilities)["floor"]
-    return floors
-
-
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The study's verdicts, computed from its runs (one result per seed, same settings).
-
-    For each p_L, paired across seeds:
-
-    - ``accuracy_difference``: final whole-test accuracy, stochastic minus plain, in
-      percentage points, with ``ci95``, ``verdict`` and ``min_detectable`` (points), and the
-      paired t test's ``p_value`` and ``p_value_holm`` (adjusted for the number of p_L values);
-    - ``fluctuation``: how much the per-iteration test-batch accuracy jumps
-      (:func:`fluctuation`), as the ratio stochastic / plain, raw and without the part the two
-      models share because they see the same test batch, in the first and second half of the
-      run, and each model's second half / first half;
-    - ``test_time``: whole-test accuracy of the p_l-scaled network, of single sampled
-      sub-networks (mean and spread) and of their average (a Monte-Carlo ensemble);
-    - ``step_time_ratio``: median training step, stochastic / plain, beside ``flop_floor``.
-    """
-    if not results:
-        raise ValueError("no results to summarize")
-    settings = StudySettings.from_dict(results[0]["settings"])
-    if any(r["settings"] != results[0]["settings"] for r in results):
-        raise ValueError("results of different settings cannot be summarized together")
-    floors = flop_floors(settings)
-    final = {name: [r["evaluations"]["accuracy"][name][-1] for r in results] for name in settings.model_names}
-    acc = {name: [r["history"][name]["test_acc"] for r in results] for name in settings.model_names}
-    half = settings.iterations // 2
-    halves = {"first_half": slice(0, half), "second_half": slice(half, None)}
-
-    comparisons = []
-    for p_last in settings.p_lasts:
-        name = stochastic_name(p_last)
-        accuracy = paired_difference(100 * np.asarray(final[name]), 100 * np.asarray(final[PLAIN]))
-        fluct: dict[str, Any] = {}
-        per_half: dict[str, dict[str, list[float]]] = {}
-        for half_name, part in halves.items():
-            stoch = [run[part] for run in acc[name]]
-            plain = [run[part] for run in acc[PLAIN]]
-            per_half[half_name] = {
-                "stochastic": [fluctuation(s) for s in stoch],
-                "plain": [fluctuation(p) for p in plain],
-                "stochastic_own": [_own_fluctuation(s, p) for s, p in zip(stoch, plain)],
-                "plain_own": [_own_fluctuation(p, s) for s, p in zip(stoch, plain)],
-            }
-            h = per_half[half_name]
-            fluct[half_name] = {
-                "stochastic": float(np.mean(h["stochastic"])),
-                "plain": float(np.mean(h["plain"])),
-                "ratio": paired_ratio(h["stochastic"], h["plain"]),
-                "own_ratio": paired_ratio(h["stochastic_own"], h["plain_own"]),
-            }
-        fluct["second_over_first_half"] = {
-            "stochastic": paired_ratio(per_half["second_half"]["stochastic"], per_half["first_half"]["stochastic"]),
-            "plain": paired_ratio(per_half["second_half"]["plain"], per_half["first_half"]["plain"]),
-        }
-        subnetworks = [r["subnetworks"][name] for r in results]
-        scaled = [s["scaled_accuracy"] for s in subnetworks]
-        ensemble = [s["ensemble_accuracy"] for s in subnetworks]
-        test_time = {
-            "subnetworks": settings.subnetworks,
-            "scaled_accuracy": float(np.mean(scaled)),
-            "single_subnetwork_accuracy": float(np.mean([np.mean(s["accuracies"]) for s in subnetworks]))
-            if settings.subnetworks else float("nan"),
-            "single_subnetwork_sd": float(np.mean([np.std(s["accuracies"], ddof=1) for s in subnetworks]))
-            if settings.subnetworks > 1 else float("nan"),
-            "single_subnetwork_range": [float(min(min(s["accuracies"]) for s in subnetworks)),
-                                        float(max(max(s["accuracies"]) for s in subnetworks))]
-            if settings.subnetworks else [float("nan"), float("nan")],
-            "ensemble_accuracy": float(np.mean(ensemble)),
-            "ensemble_minus_scaled": paired_difference(100 * np.asarray(ensemble), 100 * np.asarray(scaled)),
-        }
-        step_ratio = paired_ratio([_median_step_s(r["history"][name]["step_time"]) for r in results],
-                                  [_median_step_s(r["history"][PLAIN]["step_time"]) for r in results])
-        comparisons.append({
-            "p_last": p_last,
-            "seeds": len(results),
-            "accuracy_difference": accuracy["mean"],
-            "ci95": accuracy["ci95"],
-            "verdict": accuracy["verdict"],
-            "min_detectable_difference": accuracy["min_detectable"],
-            "sd_of_differences": accuracy["sd"],
-            "per_seed_differences": [100 * (s - p) for s, p in zip(final[name], final[PLAIN])],
-            "plain_accuracy": float(np.mean(final[PLAIN])),
-            "stochastic_accuracy": float(np.mean(final[name])),
-            "fluctuation": fluct,
-            "test_time": test_time,
-            "step_time_ratio": step_ratio,
-            "flop_floor": floors[p_last],
-        })
-    holm = holm_adjusted([_paired_t_p_value(c["per_seed_differences"]) for c in comparisons])
-    for c, adjusted in zip(comparisons, holm):
-        c["p_value"] = _paired_t_p_value(c["per_seed_differences"])
-        c["p_value_holm"] = adjusted
-    devices = sorted({f"{r['device_name']} ({r['device']}, torch {r['torch']})" for r in results})
-    return {
-        "settings": settings.to_dict(),
-        "seeds": [r["seed"] for r in results],
-        "devices": devices,
-        "job_wall_time_s": float(sum(r["wall_s"] for r in results)),
-        "study_wall_time_s": float(max(r["finished_at"] for r in results) - min(r["started_at"] for r in results)),
-        "plain_median_step_ms": float(np.mean([1000 * _median_step_s(r["history"][PLAIN]["step_time"]) for r in results])),
-        "comparisons": comparisons,
-    }
-
-
-def _interval(ci: Sequence[float], fmt: str) -> str:
-    return f"[{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
-
-
-def verdict_lines(summary: dict[str, Any]) -> dict[str, list[str]]:
-    """The study's verdicts in words, one line per p_L, computed from :func:`summarize`'s output.
-
-    Returns
-    -------
-    dict
-        ``accuracy``, ``fluctuation``, ``test_time`` and ``speed``: lists of lines.
-    """
-    lines: dict[str, list[str]] = {"accuracy": [], "fluctuation": [], "test_time": [], "speed": []}
-    for c in summary["comparisons"]:
-        p, n = f"p_L={c['p_last']:g}", c["seeds"]
-        if c["sd_of_differences"] == 0:
-            verdict = "no difference: the two networks ended identical in every seed"
-        elif c["verdict"] == "no difference" and math.isfinite(c["min_detectable_difference"]):
-            verdict = (f"no difference detectable with {n} seeds (a true difference of "
-                       f"{c['min_detectable_difference']:.2f} points would be detected 80% of the time)")
-        elif c["verdict"] == "no difference":
-            verdict = f"no difference detectable with {n} seeds, too few to say how small a difference could be"
-        else:
-            verdict = f"stochastic depth is {c['verdict']}"
-        if len(summary["comparisons"]) > 1 and c["verdict"] != "no difference":
-            holds = "holds" if c["p_value_holm"] < 0.05 else "does not hold"
-            verdict += (f" (paired t test p = {c['p_value']:.3f}; after Holm's correction for "
-                        f"{len(summary['comparisons'])} values of p_L, p = {c['p_value_holm']:.3f}: it {holds})")
-        lines["accuracy"].append(
-            f"{p}: final whole-test accuracy {100 * c['stochastic_accuracy']:.2f}% vs {100 * c['plain_accuracy']:.2f}%, "
-            f"difference {c['accuracy_difference']:+.2f} points, 95% CI {_interval(c['ci95'], '+.2f')}: {verdict}"
-        )
-
-        f, change = c["fluctuation"], c["fluctuation"]["second_over_first_half"]
-        raw, own = f["second_half"]["ratio"], f["second_half"]["own_ratio"]
-        own_text = (f"{own['mean']:.2f}x {_interval(own['ci95'], '.2f')}" if own["n"] else "undefined (nothing left)")
-        lines["fluctuation"].append(
-            f"{p}: in the second half its test-batch accuracy jumps {raw['mean']:.2f}x as much as the plain "
-            f"ResNet's {_interval(raw['ci95'], '.2f')} ({raw['verdict']}); without the noise the two share "
-            f"through the same test batch: {own_text}. Second half / first half: "
-            f"{change['stochastic']['mean']:.2f}x {_interval(change['stochastic']['ci95'], '.2f')} "
-            f"(plain: {change['plain']['mean']:.2f}x {_interval(change['plain']['ci95'], '.2f')})"
-        )
-
-        t = c["test_time"]
-        if t["subnetworks"]:
-            gain = t["ensemble_minus_scaled"]
-            lines["test_time"].append(
-                f"{p}: p_l-scaled network {100 * t['scaled_accuracy']:.2f}%; single sampled sub-networks "
-                f"{100 * t['single_subnetwork_accuracy']:.2f}% on average, spread (sd) {100 * t['single_subnetwork_sd']:.2f} "
-                f"points, from {100 * t['single_subnetwork_range'][0]:.2f}% to {100 * t['single_subnetwork_range'][1]:.2f}%; "
-                f"average of {t['subnetworks']}: {100 * t['ensemble_accuracy']:.2f}% "
-                f"({gain['mean']:+.2f} points vs scaled, 95% CI {_interval(gain['ci95'], '+.2f')})"
-            )
-
-        s = c["step_time_ratio"]
-        lines["speed"].append(
-            f"{p}: median training step {s['mean']:.3f}x the plain one, 95% CI {_interval(s['ci95'], '.3f')} "
-            f"({1 - s['mean']:.0%} shorter); FLOP floor {c['flop_floor']:.3f}x"
-        )
-    return lines
 
 
 def write_summary(summary: dict[str, Any], output_dir: str | Path) -> Path:
@@ -860,7 +565,7 @@ def write_summary(summary: dict[str, Any], output_dir: str | Path) -> Path:
 
     path = Path(output_dir) / "study_summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomically(path, strict(summary))
+    write_json_atomically(path, strict(summary))
     return path
 
 

@@ -30,16 +30,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from resnet_with_stochastic_depth import ResNet, StochasticResNet
 from stochastic_depth.compilation import compile_branches
+from training import build_resnet, synchronize
 
-# name: (how to build it from a class, input shape of one sample)
+# name: (layout, depth, options of both models, input shape of one sample)
+MNIST_INPUT = {"in_channels": 1, "num_classes": 10}
 NETWORKS = {
-    "resnet20": (lambda cls, **kw: cls.cifar(20, **kw), (3, 32, 32)),
-    "resnet56": (lambda cls, **kw: cls.cifar(56, **kw), (3, 32, 32)),
-    "resnet110": (lambda cls, **kw: cls.cifar(110, **kw), (3, 32, 32)),
-    "resnet50": (lambda cls, **kw: cls.imagenet(50, in_channels=1, num_classes=10, **kw), (1, 28, 28)),
-    "resnet152": (lambda cls, **kw: cls.imagenet(152, in_channels=1, num_classes=10, **kw), (1, 28, 28)),
+    "resnet20": ("cifar", 20, {}, (3, 32, 32)),
+    "resnet56": ("cifar", 56, {}, (3, 32, 32)),
+    "resnet110": ("cifar", 110, {}, (3, 32, 32)),
+    "resnet50": ("imagenet", 50, MNIST_INPUT, (1, 28, 28)),
+    "resnet152": ("imagenet", 152, MNIST_INPUT, (1, 28, 28)),
 }
 
 
@@ -55,21 +56,19 @@ def measure(network: str, device: torch.device, batch_size: int, rounds: int, wa
     if clock == "process" and device.type != "cpu":
         raise ValueError(f"clock='process' measures CPU time: it needs device cpu, got {device}")
     step_clock = time.process_time if clock == "process" else time.perf_counter
-    build, sample_shape = NETWORKS[network]
+    layout, depth, options, sample_shape = NETWORKS[network]
     torch.manual_seed(0)
     x = torch.randn(batch_size, *sample_shape, device=device)
     y = torch.randint(10, (batch_size,), device=device)
     variants = {}
     for compiled in (False, True):
-        for cls, kwargs in ((ResNet, {}), (StochasticResNet, dict(p_last=0.5, mode=drop_mode, seed=0))):
-            torch.manual_seed(0)
-            model = build(cls, **kwargs).to(device).train()
+        for stochastic in (None, dict(p_last=0.5, mode=drop_mode, seed=0)):
+            model = build_resnet(layout, depth, seed=0, stochastic=stochastic, **options).to(device).train()
             if compiled:
                 compile_branches(model, backend=backend, mode=compile_mode)
-            name = f"{cls.__name__}{', branches compiled' if compiled else ', eager'}"
+            name = f"{type(model).__name__}{', branches compiled' if compiled else ', eager'}"
             variants[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in variants}
     warmup_s = {name: 0.0 for name in variants}
     order = list(variants)
@@ -79,13 +78,13 @@ def measure(network: str, device: torch.device, batch_size: int, rounds: int, wa
             shuffler.shuffle(order)
         for name in order:
             model, optimizer = variants[name]
-            sync()
+            synchronize(device)
             start, step_start = time.perf_counter(), step_clock()
             torch.compiler.cudagraph_mark_step_begin()  # a new training step, for CUDA graph trees
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            sync()
+            synchronize(device)
             if round_index < warmup:
                 warmup_s[name] += time.perf_counter() - start
             else:

@@ -2,11 +2,16 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import scipy.stats
 
 import compare_runs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = {"dataset": "fashion-mnist", "depth": 20, "epochs": 2, "lr": 0.1, "plain": True, "p_last": 1.0,
           "survival_rule": "linear", "dropped_update": "decay", "parameters": 1000, "seed": 0,
@@ -92,3 +97,25 @@ def test_runs_that_cannot_be_compared_are_refused_with_the_reason(tmp_path, chan
         compare_runs.compare(control, treatment)
     with pytest.raises(SystemExit, match="compare_runs.py: "):
         compare_runs.main(["--control", *map(str, control), "--treatment", *map(str, treatment)])
+
+
+def test_runs_are_compared_without_torch(tmp_path):
+    # compare_runs and its statistics must work where only the runs' files are. The finder below
+    # makes ``import torch`` raise ImportError. (``sys.modules['torch'] = None`` would too, but
+    # scipy.stats takes any entry there for the imported module and fails on None.)
+    control, treatment = groups(tmp_path, [0.090, 0.100, 0.095], [0.140, 0.152, 0.141])
+    script = (
+        "import importlib.abc, json, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'torch':\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import compare_runs\n"
+        f"result = compare_runs.compare({list(map(str, control))!r}, {list(map(str, treatment))!r})\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(json.dumps(result))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == compare_runs.compare(control, treatment)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import run_statistics
 import study
 
 # A study small enough for this CPU: a CIFAR ResNet-8, a few iterations, a 300-image evaluation set.
@@ -117,10 +118,58 @@ def test_fluctuation_measures_the_noise_around_a_trend_and_separates_the_shared_
     trend = np.linspace(0.5, 0.99, 20000)
     shared, own_a, own_b = (rng.normal(0, sd, 20000) for sd in (0.03, 0.01, 0.02))
     a, b = trend + shared + own_a, trend + shared + own_b
-    assert study.fluctuation(a) == pytest.approx(math.hypot(0.03, 0.01), rel=0.03)
-    assert study.shared_fluctuation(a, b) == pytest.approx(0.03**2, rel=0.05)
-    assert study._own_fluctuation(a, b) == pytest.approx(0.01, rel=0.1)
-    assert study._own_fluctuation(b, a) == pytest.approx(0.02, rel=0.1)
+    assert run_statistics.fluctuation(a) == pytest.approx(math.hypot(0.03, 0.01), rel=0.03)
+    assert run_statistics.shared_fluctuation(a, b) == pytest.approx(0.03**2, rel=0.05)
+    assert run_statistics.own_fluctuation(a, b) == pytest.approx(0.01, rel=0.1)
+    assert run_statistics.own_fluctuation(b, a) == pytest.approx(0.02, rel=0.1)
+
+
+def test_spread_is_the_sample_standard_deviation_and_fluctuation_ignores_the_trend():
+    values = [0.1, 0.4, 0.2, 0.7]
+    assert run_statistics.spread(values) == pytest.approx(np.std(values, ddof=1))
+    assert math.isnan(run_statistics.spread([0.5]))
+    rising = np.linspace(0.0, 1.0, 50)  # a trend without noise: a wide spread, no fluctuation
+    assert run_statistics.spread(rising) > 0.25 and run_statistics.fluctuation(rising) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- what summarize needs
+
+
+def test_the_flop_floors_are_counted_when_a_run_is_made(tiny_study):
+    settings, _, results = tiny_study
+    floors = study.flop_floors(settings)
+    assert list(floors) == ["p_L=1", "p_L=0.5"] and floors["p_L=1"] == pytest.approx(1.0)
+    assert all(r["flop_floors"] == floors for r in results)
+    assert [c["flop_floor"] for c in study.summarize(results)["comparisons"]] == list(floors.values())
+
+
+def test_the_committed_runs_floors_file_holds_what_counting_gives():
+    folder = study.Path(study.__file__).parent / "results" / "study"
+    (runs,) = (folder / "runs").iterdir()
+    settings = study.StudySettings.from_dict(json.loads((runs / "seed-0.json").read_text())["settings"])
+    assert json.loads(study.flop_floors_path(folder, settings).read_text()) == study.flop_floors(settings)
+
+
+def test_summarize_needs_only_the_stored_files_not_torch(tmp_path):
+    # The committed study, summarized where torch cannot be imported, gives the committed summary.
+    root = study.Path(study.__file__).parent
+    script = (
+        "import importlib.abc, json, pathlib, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'torch':\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import study_summary\n"
+        "(runs,) = pathlib.Path('results/study/runs').iterdir()\n"
+        "floors = json.loads((runs / 'flop_floors.json').read_text())\n"
+        "results = [json.loads(p.read_text()) | {'flop_floors': floors} for p in sorted(runs.glob('seed-*.json'))]\n"
+        "print(json.dumps(study_summary.summarize(results)))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    written = study.write_summary(json.loads(completed.stdout), tmp_path)
+    assert json.loads(written.read_text()) == json.loads((root / "results" / "study" / "study_summary.json").read_text())
 
 
 # ---------------------------------------------------------------- jobs
