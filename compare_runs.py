@@ -25,6 +25,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from atomic_files import write_json_atomically
 from run_statistics import paired_difference, paired_ratio
 
 # Settings that may differ between runs of one comparison without changing what is compared.
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"compare_runs.py: {error}")
     print_comparison(result)
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json_atomically(args.out, result, indent=2)
         print(f"wrote {args.out}")
 
 

@@ -39,7 +39,7 @@ import image_data
 import train
 from run_statistics import paired_difference
 from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
-from training import write_json_atomically
+from atomic_files import write_json_atomically, write_text_atomically
 
 # Training images used to re-estimate BatchNorm statistics and to measure the training error of the
 # evaluation network: the first ones of the run's training split (a random subset of it).
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         print("  BN re-estimated: " + verdict(row, "test_bn"))
     serialisable = json.loads(json.dumps(rows, default=str))
     write_json_atomically(args.root / "map.json", serialisable)
-    (args.root / "map.md").write_text(map_table(rows) + "\n")
+    write_text_atomically(args.root / "map.md", map_table(rows) + "\n")
     plot_map(rows, args.root / "map.png")
     depth = max((r["depth"] for r in rows), default=None)
     if depth is not None:

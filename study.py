@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from atomic_files import write_json_atomically
 from mnist import LabelledImages, load_fashion_mnist, load_mnist
 from resnet_with_stochastic_depth import ResNet, StochasticResNet
 from run_statistics import (
@@ -56,7 +57,7 @@ from run_statistics import (
 from stochastic_depth.counting import training_flop_floor
 from stochastic_depth.evaluation_network import keep_blocks
 from study_summary import PLAIN, stochastic_name, summarize, verdict_lines
-from training import build_resnet, pick_device, predict, synchronize, train_lockstep, write_json_atomically
+from training import build_resnet, pick_device, predict, synchronize, train_lockstep
 
 __all__ = [
     "LOADERS",

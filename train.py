@@ -47,10 +47,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from atomic_files import write_atomically, write_json_atomically
 import image_data
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
 from training import (
-    BatchSampler, build_resnet, predict, save_atomically, synchronize, write_atomically, write_json_atomically,
+    BatchSampler, build_resnet, predict, save_atomically, synchronize,
 )  # fmt: skip
 
 # Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe

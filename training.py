@@ -12,7 +12,6 @@ import csv
 import functools
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from atomic_files import write_atomically, write_json_atomically
 from mnist import LabelledImages
 from resnet_with_stochastic_depth import ResNet, StochasticDepthState, StochasticResNet, linear_drop_warmup, stochastic_depth_state
 from stochastic_depth.evaluation_network import evaluation_mode
@@ -43,8 +43,6 @@ __all__ = [
     "save_atomically",
     "synchronize",
     "train_lockstep",
-    "write_atomically",
-    "write_json_atomically",
 ]
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "step_time")
@@ -656,31 +654,9 @@ def _save_checkpoint(
     save_atomically(checkpoint, path)
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(partial)`` on a file beside `path`, then rename that file to `path`.
-
-    A crash or a full disk while writing leaves the previous file at `path` whole, and a
-    reader (a notebook polling results) never sees half a file.
-    """
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # no half-written file left beside the whole one
-        raise
-
-
 def save_atomically(obj: Any, path: str | Path) -> None:
     """``torch.save`` `obj` to `path` with :func:`write_atomically`."""
     write_atomically(path, functools.partial(torch.save, obj))
-
-
-def write_json_atomically(path: str | Path, value: Any, **dumps_options: Any) -> None:
-    """`value` as JSON in `path` with :func:`write_atomically` (`dumps_options` go to ``json.dumps``)."""
-    text = json.dumps(value, **dumps_options)
-    write_atomically(path, lambda partial: partial.write_text(text))
 
 
 def _load_checkpoint(

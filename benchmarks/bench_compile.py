@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from atomic_files import write_json_atomically
 from stochastic_depth.compilation import compile_branches
 from training import build_resnet, synchronize
 
@@ -145,7 +145,7 @@ def main() -> None:
                                args.drop_mode, args.compile_mode))
         print_table(results[-1], device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**environment(device), "networks": results}, indent=2))
+    write_json_atomically(args.out, {**environment(device), "networks": results}, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from atomic_files import write_json_atomically
 from resnet_with_stochastic_depth import ResNet, StochasticResNet
 from training import synchronize
 
@@ -141,7 +141,7 @@ def main() -> None:
           f"{r110['expected_dropped_bytes_per_step'] / 1e6:.3f} MB ({100 * r110['dropped_fraction']:.1f}%) "
           "belong to dropped blocks on average")  # fmt: skip
     output = args.output or ROOT / "benchmarks" / "results" / f"ddp_overhead{'-cuda' if args.device == 'cuda' else ''}.json"
-    output.write_text(json.dumps(report, indent=1))
+    write_json_atomically(output, report, indent=1)
     print(f"wrote {output}")
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from atomic_files import write_json_atomically
 from benchmarks.bench_training_step import parse_image, time_steps
 import resnet_with_stochastic_depth as current
 
@@ -71,10 +71,10 @@ def main() -> None:
         blocks = "" if row["mean_active_blocks"] is None else f"   mean active blocks {row['mean_active_blocks']:.2f}"
         print(f"{name:22s} {1e3 * row['median_s']:8.1f} ms {row['ratio_to_plain']:6.3f}{blocks}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"previous": str(args.previous), "batch_size": args.batch_size,
+    write_json_atomically(args.out, {"previous": str(args.previous), "batch_size": args.batch_size,
                                     "image": list(args.image), "p_last": args.p_last, "rounds": args.rounds,
                                     "torch": torch.__version__, "threads": 1, "clock": "process",
-                                    "results": rows}, indent=2))
+                                    "results": rows}, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from atomic_files import write_json_atomically
 from benchmarks.bench_training_step import time_steps
 from stochastic_depth.counting import gate_flop_floor
 from resnet_with_stochastic_depth import DROP_MODES, add_stochastic_depth
@@ -152,7 +152,7 @@ def main() -> None:
         "families": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    write_json_atomically(args.out, out, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -17,13 +17,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from atomic_files import write_json_atomically
 from benchmarks.bench_training_step import flop_floors, parse_image, time_steps
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, _subset_size, stochastic_depth_gates
 
@@ -69,9 +69,9 @@ def main() -> None:
         print(f"{name:55s} {1e3 * row['median_s']:8.1f} ms {row['ratio_to_plain']:6.3f}")
     print(f"{'FLOP floor of row_subset':55s} {'':11s} {floor:6.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"batch_size": args.batch_size, "image": list(args.image), "p_last": args.p_last,
+    write_json_atomically(args.out, {"batch_size": args.batch_size, "image": list(args.image), "p_last": args.p_last,
                                     "rounds": args.rounds, "torch": torch.__version__, "threads": 1,
-                                    "clock": "process", "flop_floor": floor, "results": rows}, indent=2))
+                                    "clock": "process", "flop_floor": floor, "results": rows}, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import itertools
-import json
 import os
 import platform
 import tempfile
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
+from atomic_files import write_json_atomically
 import utils
 from mnist import VENDORED_MNIST
 from training import synchronize
@@ -107,11 +107,11 @@ def main() -> None:
         print(f"{row['loader']:32} {row['batch_size']:>5} {row['batches_per_s']:>10.1f} "
               f"{row['samples_per_s']:>11.0f} {row['ms_per_batch']:>9.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_json_atomically(args.out, {
         "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
         "seconds_per_measurement": args.seconds, "rows": rows,
-    }, indent=1))
+    }, indent=1)
     print(f"written to {args.out}")
 
 

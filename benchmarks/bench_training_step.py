@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from atomic_files import write_json_atomically
 from resnet_with_stochastic_depth import (
     ResNet,
     StochasticResNet,
@@ -214,7 +214,7 @@ def main() -> None:
     result = run(torch.device(args.device), args.batch_size, args.rounds, args.warmup, args.p_last, args.clock, args.image)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json_atomically(args.out, result, indent=2)
     print(f"wrote {args.out}")
 
 

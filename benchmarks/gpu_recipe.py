@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from atomic_files import write_json_atomically, write_text_atomically
 import image_data
 import train
 from stochastic_depth.counting import training_flop_floor
@@ -193,7 +193,7 @@ def main() -> None:
 
     def save():
         report["elapsed_s"] = time.perf_counter() - start
-        (args.out / "gpu_recipe.json").write_text(json.dumps(report, indent=1))
+        write_json_atomically(args.out / "gpu_recipe.json", report, indent=1)
 
     parts = [
         ("epoch_time", lambda: part_epoch_time(device, args.quick)),
@@ -211,7 +211,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - start:6.1f} s] {name}: done", flush=True)
 
     table = format_table(report)
-    (args.out / "table.txt").write_text(table)
+    write_text_atomically(args.out / "table.txt", table)
     print(table)
 
 

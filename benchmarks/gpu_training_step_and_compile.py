@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from atomic_files import write_json_atomically, write_text_atomically
 from benchmarks import bench_compile, bench_training_step
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     def test_cuda() -> dict:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "tests/test_cuda.py"],
                                cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-        (args.out_dir / "test_cuda.txt").write_text(tests.stdout + tests.stderr)
+        write_text_atomically(args.out_dir / "test_cuda.txt", tests.stdout + tests.stderr)
         return {"returncode": tests.returncode, "last_line": tests.stdout.strip().splitlines()[-1:]}
 
     large = "training_step-{}x{}".format(*large_table["image"][:2])
@@ -114,15 +114,15 @@ def main() -> None:
             part_start = time.perf_counter()
             try:
                 result = measure()
-                (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+                write_json_atomically(args.out_dir / f"{name}.json", result, indent=2)
                 show(result)
                 print(f"[{name}] done in {time.perf_counter() - part_start:.0f} s")
             except Exception:  # one failing part must not cost the others
                 print(f"\n[{name}] failed after {time.perf_counter() - part_start:.0f} s:")
                 traceback.print_exc(file=sys.stdout)
-            (args.out_dir / "summary.txt").write_text(tee.copy.getvalue())
+            write_text_atomically(args.out_dir / "summary.txt", tee.copy.getvalue())
         print(f"\ntotal {time.perf_counter() - start:.0f} s")
-    (args.out_dir / "summary.txt").write_text(tee.copy.getvalue())
+    write_text_atomically(args.out_dir / "summary.txt", tee.copy.getvalue())
 
 
 if __name__ == "__main__":

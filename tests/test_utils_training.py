@@ -388,7 +388,7 @@ def test_predict_matches_one_eval_pass_in_batches_and_restores_each_mode():
 
 
 def test_a_failed_atomic_write_leaves_the_previous_file_whole(tmp_path):
-    from training import write_atomically, write_json_atomically
+    from atomic_files import write_atomically, write_json_atomically
 
     path = tmp_path / "metrics.json"
     write_json_atomically(path, {"epoch": 1})

@@ -1,0 +1,44 @@
+"""Writing result files so that no reader ever sees half of one (no torch needed).
+
+Every file this repository's experiments write (run results, metrics, checkpoints, summaries,
+benchmark tables) goes through :func:`write_atomically`: it is written beside its final name and
+renamed into place, so a crash, a kill or a full disk leaves the previous file whole, and a
+notebook polling a run's results reads either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_atomically", "write_json_atomically", "write_text_atomically"]
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(partial)`` on a file beside `path` (``<path>.partial``), then rename it to `path`.
+
+    Raises
+    ------
+    Whatever `write` raises, after removing the partial file; `path` is then unchanged.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half-written file left beside the whole one
+        raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """`text` (UTF-8) in `path` with :func:`write_atomically`."""
+    write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path: str | Path, value: Any, **dumps_options: Any) -> None:
+    """`value` as JSON in `path` with :func:`write_atomically` (`dumps_options` go to ``json.dumps``)."""
+    write_text_atomically(path, json.dumps(value, **dumps_options))
