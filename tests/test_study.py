@@ -267,9 +267,8 @@ def test_two_local_workers_run_two_jobs_at_the_same_time(tmp_path):
     assert [r["threads"] for r in results] == [max(1, (study.os.cpu_count() or 1) // 2)] * 2  # a share of the CPU each
 
 
-def test_submitit_runs_the_jobs_as_local_processes(tmp_path, monkeypatch):
+def test_submitit_runs_the_jobs_as_local_processes(tmp_path):
     submitit = pytest.importorskip("submitit")
-    monkeypatch.setenv("PYTHONPATH", str(study.Path(study.__file__).parent))
     settings = study.StudySettings(p_lasts=(0.5,), **TINY)
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(timeout_min=10)
