@@ -91,13 +91,20 @@ def compare(control_folders: Sequence[str | Path], treatment_folders: Sequence[s
     for name, error in ERRORS.items():
         first = [100 * error(control[s]) for s in seeds]
         second = [100 * error(treatment[s]) for s in seeds]
-        difference = paired_difference(second, first)
-        # paired_difference words a positive difference as "better"; of errors it is "higher".
-        difference["verdict"] = {"better": "higher", "worse": "lower"}.get(difference["verdict"], difference["verdict"])
-        result["errors"][name] = {"control": first, "treatment": second, "difference_points": difference}
+        result["errors"][name] = {"control": first, "treatment": second, "difference_points": error_difference(second, first)}
     result["epoch_time_ratio"] = paired_ratio([treatment[s]["summary"]["median_epoch_time_s"] for s in seeds],
                                               [control[s]["summary"]["median_epoch_time_s"] for s in seeds])
     return result
+
+
+def error_difference(treatment: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
+    """``paired_difference`` of error rates (treatment - control, paired by seed), worded for errors.
+
+    ``paired_difference`` calls a positive difference "better"; of an error it is "higher".
+    """
+    difference = paired_difference(treatment, control)
+    difference["verdict"] = {"better": "higher", "worse": "lower"}.get(difference["verdict"], difference["verdict"])
+    return difference
 
 
 def verdict_text(difference: dict[str, Any]) -> str:

@@ -6,9 +6,9 @@ makes them). This module
 
 - evaluates each finished run again from its checkpoint (:func:`evaluate_run`): the test error
   and the training error of the evaluation network, before and after
-  :func:`evaluation_network.recompute_batchnorm_statistics`, into ``evaluation.json``; and for the
+  :func:`stochastic_depth.evaluation_network.recompute_batchnorm_statistics`, into ``evaluation.json``; and for the
   deepest networks the depth curve (:func:`depth_curve`): test error and inference time with the
-  last ``k`` blocks removed, or ``k`` random blocks, through :func:`evaluation_network.keep_blocks`,
+  last ``k`` blocks removed, or ``k`` random blocks, through :func:`stochastic_depth.evaluation_network.keep_blocks`,
   into ``depth_curve.json``;
 - computes the map from those files (:func:`regime_map`): per (depth, size) cell the paired
   difference stochastic - plain of the test error with its 95% interval (``compare_runs.compare``,
@@ -35,11 +35,10 @@ from typing import Any
 import torch
 
 import compare_runs
+from atomic_files import write_json_atomically, write_text_atomically
 import image_data
 import train
-from run_statistics import paired_difference
 from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
-from atomic_files import write_json_atomically, write_text_atomically
 
 # Training images used to re-estimate BatchNorm statistics and to measure the training error of the
 # evaluation network: the first ones of the run's training split (a random subset of it).
@@ -184,7 +183,7 @@ def regime_map(root: str | Path) -> list[dict[str, Any]]:
             for key in ("test_error_bn", "train_error", "train_error_bn"):
                 plain = [100 * e[key] for e in loaded["plain"]]
                 sd = [100 * e[key] for e in loaded["sd"]]
-                row[key.replace("_error", "")] = {"control": plain, "treatment": sd, "difference_points": paired_difference(sd, plain)}
+                row[key.replace("_error", "")] = {"control": plain, "treatment": sd, "difference_points": compare_runs.error_difference(sd, plain)}
         rows.append(row)
     return rows
 
@@ -195,8 +194,7 @@ def verdict(row: dict[str, Any], key: str = "test") -> str:
         return f"ResNet-{row['depth']}, {row['train_images']:,} images: not evaluated yet"
     values = row[key]
     d = values["difference_points"]
-    word = {"better": "higher with stochastic depth", "worse": "lower with stochastic depth",
-            "higher": "higher with stochastic depth", "lower": "lower with stochastic depth"}.get(d["verdict"])  # fmt: skip
+    word = {"higher": "higher with stochastic depth", "lower": "lower with stochastic depth"}.get(d["verdict"])
     if word is None:
         word = compare_runs.verdict_text(d)
     return (f"ResNet-{row['depth']}, {row['train_images']:,} images: plain {fmean(values['control']):.2f}%, "

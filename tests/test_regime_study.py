@@ -36,6 +36,7 @@ def test_the_map_recomputes_from_the_files_and_follows_them(tmp_path):
     bn = row["test_bn"]["difference_points"]
     assert bn["mean"] == pytest.approx(100 * (sum([0.19, 0.215, 0.20]) - sum(plain)) / 3)
     assert "lower with stochastic depth" in regime_study.verdict(row, "test_bn")
+    assert (d["verdict"], bn["verdict"]) == ("higher", "lower")  # map.json words errors, not "better"
     assert row["step_time_ratio"]["mean"] == pytest.approx(0.7)
     assert "| 110 | 5,504 | 3 |" in regime_study.map_table([row])
 
