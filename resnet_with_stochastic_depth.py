@@ -1134,6 +1134,12 @@ def add_stochastic_depth(
     torch.nn.Module
         ``model`` itself.
 
+    Warns
+    -----
+    UserWarning
+        When a torchvision or timm model keeps its own rates and they are all 0 (its
+        default ``drop_path_rate`` or ``stochastic_depth_prob``): no gate would ever drop.
+
     Raises
     ------
     TypeError
@@ -1159,6 +1165,13 @@ def add_stochastic_depth(
     own_rates = all(c.drop_probs is not None for c in conversions)
     if own_rates and survival_rule is None and p_last is None:
         probs = [[1.0 - q for q in c.drop_probs] for c in conversions]
+        if all(p == 1.0 for block in probs for p in block):
+            warnings.warn(
+                f"{type(model).__name__} was built with a drop rate of 0 (timm's drop_path_rate, torchvision's "
+                "stochastic_depth_prob), and its rates are kept, so no block will ever be dropped: build it with "
+                "a rate, or pass p_last (and survival_rule) to add_stochastic_depth",
+                stacklevel=2,
+            )
     else:
         rule = "linear" if survival_rule is None else survival_rule
         block_probs = survival_probabilities(len(conversions), rule, 0.5 if p_last is None else p_last)

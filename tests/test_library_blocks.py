@@ -5,6 +5,7 @@ Every family is built small (a few blocks, 16-64 channels, 32x32 images) with ra
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -528,3 +529,16 @@ def test_without_timm_torchvision_models_are_still_converted(tmp_path):
                             cwd=str(Path(__file__).resolve().parents[1]))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["8", "18", "True"]
+
+
+def test_a_model_built_without_a_drop_rate_warns_that_nothing_would_drop():
+    # timm's drop_path_rate and torchvision's stochastic_depth_prob default to 0: keeping the
+    # model's own rates would give gates that never drop, which the user should hear about.
+    no_rate = TimmResNet(TimmBasicBlock, [1, 1, 1, 1], num_classes=10)
+    with pytest.warns(UserWarning, match="drop rate of 0.*pass p_last"):
+        add_stochastic_depth(no_rate, seed=0)
+    assert {g.survival_prob for g in stochastic_depth_gates(no_rate)} == {1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add_stochastic_depth(TimmResNet(TimmBasicBlock, [1, 1, 1, 1], num_classes=10), p_last=0.5, seed=0)
+        add_stochastic_depth(build("timm ResNet basic"), seed=0)  # its own rates, some below 1
