@@ -15,8 +15,8 @@ Public API
     and ``ResNet.cifar(depth)`` (20, 32, 44, 56, 110, 1202), likewise on
     ``StochasticResNet``.
 ``StochasticDepth``
-    The gate that wraps one residual block's branch; ``draw_decision`` and ``key_seed``
-    are its random draw.
+    The gate that decides whether one residual branch runs; ``draw_decision`` and
+    ``key_seed`` are its random draw.
 ``set_step``
     Keys a model's drops by the training step: every process at a step drops the same
     blocks (DDP), whatever passes each ran before.
@@ -310,7 +310,7 @@ class StochasticDepth(nn.Module):
     ``"row_subset"`` (DINOv2's sample drop)
         Exactly ``k = round(B * survival_prob)`` samples (at least one, unless the
         probability is 0), chosen without replacement, keep the branch, which runs on
-        those ``k``: the same shape every step, so it saves work on a GPU too. The
+        those ``k``: the same shape every step (no new cuDNN plans, as ``"row"`` needs). The
         kept residuals are scaled by ``survival_prob * B / k`` (``B / k`` when
         ``inverted``), so the expected output is the same as in the other modes.
         Samples are not independent (exactly ``k`` survive).
@@ -630,15 +630,15 @@ class StochasticDepthState:
         Raises
         ------
         ValueError
-            For a state of another number of gates, a bad value (named), or a state saved by
-            the earlier design, which held a random generator's state; the gates are left
-            as they were.
+            For a state of another number of gates, a bad value (named), or a mapping with
+            other keys than :meth:`get_state` gives (another object, or a state saved by
+            another version of this module); the gates are left as they were.
         """
         if set(state) != set(_GATE_STATE):
             raise ValueError(
-                f"a stochastic-depth state holds {sorted(_GATE_STATE)}, this one {sorted(state)}: it was saved "
-                "by another version (the earlier design held a random generator's state) and cannot continue "
-                "these gates' draws"
+                f"expected a stochastic-depth state with the keys {sorted(_GATE_STATE)}, got {sorted(state)}: "
+                "pass what get_state() returned (not a whole checkpoint); a state saved by another version "
+                "of this module cannot continue these gates' draws"
             )
         if any(len(state[name]) != len(self.gates) for name in _GATE_STATE):
             raise ValueError(f"the state is of {len(state['passes'])} gates, this model has {len(self.gates)}")
@@ -1055,8 +1055,9 @@ class StochasticResNet(ResNet):
     def active_blocks(self) -> Tensor | None:
         """Which blocks ran in the last forward pass.
 
-        A bool tensor of shape ``(L,)`` in ``"batch"`` mode, ``(L, batch)`` in the row
-        modes, or None before the first forward pass.
+        A bool tensor of shape ``(L, batch)`` after a training pass in a row mode, ``(L,)``
+        after one in ``"batch"`` mode or after an eval pass (all True: every block runs),
+        or None before the first forward pass.
         """
         active = [gate.last_active for gate in stochastic_depth_gates(self)]
         return None if any(a is None for a in active) else torch.stack(active)

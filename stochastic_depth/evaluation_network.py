@@ -21,8 +21,9 @@ residual scaled by its survival probability ``p_l``. The tools that act on that 
     ``torch.optim.swa_utils.update_bn`` does not fit: it runs the model in training mode, where
     it samples sub-networks.
 
-``keep_blocks`` and ``recompute_batchnorm_statistics`` work on every model this project builds or converts: ``ResNet`` and ``StochasticResNet``
-of ``resnet_with_stochastic_depth``, and torchvision ResNets after ``add_stochastic_depth``.
+``keep_blocks`` and ``recompute_batchnorm_statistics`` work on ResNets: ``ResNet`` and
+``StochasticResNet`` of ``resnet_with_stochastic_depth``, and torchvision ResNets after
+``add_stochastic_depth`` (not on the converted ConvNeXt, Swin, EfficientNet or timm blocks).
 They use only the blocks' public attributes (``downsample``, ``stochastic_depth``, and a
 ``StochasticDepth`` gate's evaluation rule), not how gates draw while training.
 """
