@@ -37,15 +37,13 @@ module: ``compilation`` (``compile_branches``: regional ``torch.compile``), ``co
 (FLOP floors and operator counts), ``library_blocks`` (torchvision's and timm's blocks)
 and ``evaluation_network`` (evaluating with a subset of the blocks).
 
-How drops are drawn (the rule to check new code against)
---------------------------------------------------------
-Each gate draws for itself when it is called in training mode; its decision is a fixed
-function of ``(seed, gate index, step, pass)`` (and the rank, in the row modes). Every
-training call that is not a recomputation is a new pass, and draws one number from torch's
-global RNG as its tag; a call made inside a backward pass is a recomputation by activation
-checkpointing, which restores that RNG, so it draws the same tag and finds its pass's key.
-Processes agree because they share the seed and, with ``set_step``, the step: nothing
-is communicated.
+How drops are drawn
+-------------------
+Each gate draws for itself when its block runs in training mode, as a fixed function of
+``(seed, gate index, step, pass)`` (and the rank, in the row modes); a recomputation by
+activation checkpointing gets its pass's decision again. Processes agree because they share
+the seed and, with ``set_step``, the step: nothing is communicated. The full rule opens the
+section "The gate" below.
 """
 
 from __future__ import annotations
