@@ -1,5 +1,10 @@
 """Shared test setup: a headless matplotlib backend, MNIST loaded once per session, and a
-check that two copies of a stochastic model train alike."""
+check that two copies of a stochastic model train alike.
+
+It sits at the repository root so that pytest puts the root on ``sys.path`` when it loads it:
+the tests import this checkout's experiment modules (``training``, ``study``, ...), which are
+not installed, and the library from the checkout, with ``pytest`` or ``python -m pytest``.
+"""
 
 import matplotlib
 import pytest
