@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -471,8 +471,9 @@ def _share_batchnorm_statistics(model: nn.Module, processes: Processes) -> None:
 class EpochProgress:
     """This process's training totals of the epoch under way.
 
-    A checkpoint written inside an epoch (``--max-steps``) keeps them, so that a resumed run
-    reports that epoch as an uninterrupted one would.
+    A checkpoint written inside an epoch (``--max-steps``) keeps them added up over all
+    processes; after a resume rank 0 carries them and the others start from zero, so that the
+    resumed run reports that epoch as an uninterrupted one would.
 
     Attributes
     ----------
@@ -497,6 +498,12 @@ class EpochProgress:
         """The checkpoint's ``"partial_epoch"``: plain values and a CPU tensor (``weights_only`` loads)."""
         return {"totals": self.totals.cpu(), "images_seen": self.images_seen, "active_blocks": self.active_blocks,
                 "seconds": self.seconds}  # fmt: skip
+
+    def summed_over(self, processes: Processes) -> EpochProgress:
+        """This progress with `totals` and `images_seen` added up over all processes (a collective)."""
+        images_seen = torch.tensor([self.images_seen], dtype=self.totals.dtype, device=processes.device)
+        summed = _all_reduce_sum(torch.cat([self.totals.to(processes.device), images_seen]), processes)
+        return replace(self, totals=summed[:2], images_seen=int(summed[2].item()))
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> EpochProgress:
@@ -760,6 +767,8 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
     step, records, progress = 0, [], EpochProgress()
     if checkpoint is not None:
         step, records, progress = restore_checkpoint(checkpoint, training, data.batches)
+        if not processes.is_main:  # the checkpoint's epoch totals are all processes' (see below): count them once
+            progress = replace(progress, totals=torch.zeros(2), images_seen=0)
 
     config = {**vars(args), **asdict(recipe), "world_size": processes.world_size, "device": str(processes.device),
               "parameters": sum(p.numel() for p in training.model.parameters()), "torch": torch.__version__}  # fmt: skip
@@ -781,8 +790,10 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
         train_epoch(recipe, args, processes, data, training, range(step, min(epoch_end, stop_at)), progress, bar, drops)
         step = min(epoch_end, stop_at)
         if step < epoch_end:  # stopped by --max-steps inside the epoch
+            # Rank 0 writes the checkpoint alone, so it saves the epoch's totals over all processes.
+            everyone = progress.summed_over(processes)
             if processes.is_main:
-                save_checkpoint(output_dir / "checkpoint.pt", recipe, training, data.batches, step, records, progress)
+                save_checkpoint(output_dir / "checkpoint.pt", recipe, training, data.batches, step, records, everyone)
             break
         records.append(end_epoch(recipe, args, processes, data, training, epoch, progress, last=step == stop_at))
         progress = EpochProgress()

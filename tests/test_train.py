@@ -246,12 +246,12 @@ def test_dropped_blocks_get_weight_decay_only_in_decay_mode(fake_cifar, tmp_path
 # ---------------------------------------------------------------------------------- distributed
 
 
-def _train_worker(rank, world_size, port, data_dir, out, results):
+def _train_worker(rank, world_size, port, data_dir, out, results, extra=("--epochs", "2")):
     torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True  # fake files, see fake_cifar
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    result = train.main(cifar_argv(data_dir, out, "--epochs", "2"), record_drops=True)
+    result = train.main(cifar_argv(data_dir, out, *extra), record_drops=True)
     results[rank] = {"drops": torch.stack(result.drops), "state": result.model.state_dict(), "records": result.records}
 
 
@@ -270,6 +270,26 @@ def test_two_processes_drop_the_same_blocks_and_keep_equal_parameters(fake_cifar
             assert torch.equal(value, ranks[1]["state"][key]), key
     assert without_times(ranks[0]["records"]) == without_times(ranks[1]["records"])  # metrics are all-reduced
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json"]
+
+
+def test_two_processes_resumed_inside_an_epoch_report_it_as_an_uninterrupted_run(fake_cifar, tmp_path):
+    # Rank 0 writes the checkpoint alone: the epoch's training totals must be everyone's, counted once.
+    import torch.multiprocessing as mp
+
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    runs = {"straight": [("--epochs", "2")], "resumed": [("--epochs", "2", "--max-steps", "1"), ("--epochs", "2", "--resume")]}
+    records = {}
+    with mp.Manager() as manager:
+        for name, parts in runs.items():
+            results = manager.dict()
+            for extra in parts:
+                mp.spawn(_train_worker, args=(2, get_free_port(), fake_cifar, tmp_path / name, results, extra), nprocs=2)
+            records[name] = without_times(results[0]["records"])
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == records["resumed"][-1]["step"]
+    for straight, resumed in zip(records["straight"], records["resumed"], strict=True):
+        assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)  # summed in another order
+        assert {**resumed, "train_loss": None} == {**straight, "train_loss": None}
 
 
 def test_torchrun_two_processes_then_resume(tmp_path):
