@@ -9,6 +9,7 @@ notebook polling a run's results reads either the old file or the new one.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -40,5 +41,19 @@ def write_text_atomically(path: str | Path, text: str) -> None:
 
 
 def write_json_atomically(path: str | Path, value: Any, **dumps_options: Any) -> None:
-    """`value` as JSON in `path` with :func:`write_atomically` (`dumps_options` go to ``json.dumps``)."""
-    write_text_atomically(path, json.dumps(value, **dumps_options))
+    """`value` as JSON in `path` with :func:`write_atomically` (`dumps_options` go to ``json.dumps``).
+
+    Non-finite floats (an interval over one seed is NaN) are written as null: JSON has no NaN,
+    and strict parsers refuse Python's ``NaN``.
+    """
+    write_text_atomically(path, json.dumps(_finite_or_null(value), allow_nan=False, **dumps_options))
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value

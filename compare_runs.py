@@ -30,7 +30,7 @@ from run_statistics import paired_difference, paired_ratio
 
 # Settings that may differ between runs of one comparison without changing what is compared.
 INCIDENTAL = {"seed", "output_dir", "resume", "progress", "log_every", "device", "torch", "data_dir", "download",
-              "eval_batch_size", "world_size"}
+              "eval_batch_size", "world_size", "max_steps", "channels_last"}
 # Settings that say which model a run trained: the same within a group, different between groups.
 MODEL = {"plain", "p_last", "survival_rule", "dropped_update", "parameters"}
 ERRORS = {
@@ -137,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--treatment", nargs="+", required=True, help="output folders of the second model's runs")
     parser.add_argument("--out", type=Path, help="also write the comparison here, as JSON")
     args = parser.parse_args(argv)
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
     try:
         result = compare(args.control, args.treatment)
     except ValueError as error:

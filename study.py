@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -554,19 +553,9 @@ def estimate_job_seconds(settings: StudySettings, output_dir: str | Path, device
 
 def write_summary(summary: dict[str, Any], output_dir: str | Path) -> Path:
     """Write `summary` to ``output_dir/study_summary.json``, undefined values as null."""
-
-    def strict(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
     path = Path(output_dir) / "study_summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(path, strict(summary))
+    write_json_atomically(path, summary)
     return path
 
 

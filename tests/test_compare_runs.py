@@ -119,3 +119,24 @@ def test_runs_are_compared_without_torch(tmp_path):
     completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout) == compare_runs.compare(control, treatment)
+
+
+def test_a_run_finished_after_a_max_steps_stop_compares_with_the_others(tmp_path):
+    # --max-steps then --resume is how time-limited cluster jobs run; it changes nothing compared.
+    control, treatment = groups(tmp_path, [0.09, 0.10], [0.14, 0.15])
+    metrics = json.loads((treatment[1] / "metrics.json").read_text())
+    metrics["config"].update(max_steps=50, channels_last=True)
+    (treatment[1] / "metrics.json").write_text(json.dumps(metrics))
+    assert compare_runs.compare(control, treatment)["seeds"] == [0, 1]
+
+
+def test_out_is_strict_json_and_a_missing_folder_is_named_before_comparing(tmp_path, capsys):
+    control, treatment = groups(tmp_path, [0.09], [0.14])
+    out = tmp_path / "comparison.json"
+    compare_runs.main(["--control", *map(str, control), "--treatment", *map(str, treatment), "--out", str(out)])
+    written = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert written["errors"]["final test error"]["difference_points"]["ci95"] == [None, None]  # one seed
+    with pytest.raises(SystemExit):
+        compare_runs.main(["--control", *map(str, control), "--treatment", *map(str, treatment),
+                           "--out", str(tmp_path / "missing" / "c.json")])
+    assert "the folder" in capsys.readouterr().err and not (tmp_path / "missing").exists()
