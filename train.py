@@ -74,6 +74,18 @@ METRIC_COLUMNS = (
 # ----------------------------------------------------------------------------------
 
 
+# The values a Recipe's text options take: checked by the command line and by Recipe alike.
+CHOICES = {
+    "dataset": image_data.DATASETS,
+    "augmentation": ("translate-flip", "translate", "none"),
+    "shortcut": ("A", "projection"),
+    "survival_rule": ("linear", "uniform"),
+    "schedule_unit": ("epoch", "step"),
+    "warmup_shape": ("constant", "linear"),
+    "dropped_update": ("decay", "skip"),
+}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The options that define a run; a resumed run must have the same ones.
@@ -131,6 +143,11 @@ class Recipe:
         for name, value in RECIPES[self.dataset].items():
             if getattr(self, name) is None:
                 fill(name, value)
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if isinstance(self.lr_milestones, (int, float)):
+            raise ValueError(f"--lr-milestones is a list of fractions, got {self.lr_milestones!r}")
         fill("lr_milestones", tuple(self.lr_milestones))  # argparse and stored recipes give lists
         if self.plain:
             fill("p_last", 1.0)
@@ -152,10 +169,17 @@ class Recipe:
             raise ValueError(f"--image-size must be at least 8 pixels, got {self.image_size}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be non-negative, got {self.warmup_steps}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if name == 'lr' else 'non-negative'} "
+                                 f"and finite, got {value}")  # fmt: skip
+        if self.val_size is not None and self.val_size < 0:
+            raise ValueError(f"--val-size must be non-negative, got {self.val_size}")
         if self.warmup_lr is None:
             fill("warmup_lr", self.lr / 10)
-        if self.warmup_lr <= 0:
-            raise ValueError(f"--warmup-lr must be positive, got {self.warmup_lr}")
+        if not (math.isfinite(self.warmup_lr) and self.warmup_lr > 0):
+            raise ValueError(f"--warmup-lr must be positive and finite, got {self.warmup_lr}")
 
     @classmethod
     def from_dict(cls, stored: Mapping[str, Any]) -> Recipe:
@@ -189,14 +213,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=image_data.DATASETS, default=_DEFAULTS["dataset"])
+    data.add_argument("--dataset", choices=CHOICES["dataset"], default=_DEFAULTS["dataset"])
     data.add_argument("--data-dir", help="where the dataset is or goes (default: per dataset, see image_data.py)")
     data.add_argument("--no-download", dest="download", action="store_false", help="never download a missing dataset")
     data.add_argument("--val-size", type=int, default=_DEFAULTS["val_size"],
                       help="validation images held out of the training set (default: the paper's)")
     data.add_argument("--train-subset", type=int, default=_DEFAULTS["train_subset"],
                       help="train on only this many images (smoke tests, quick runs)")
-    data.add_argument("--augmentation", choices=["translate-flip", "translate", "none"],
+    data.add_argument("--augmentation", choices=CHOICES["augmentation"],
                       default=_DEFAULTS["augmentation"], help="default: per dataset")
     data.add_argument("--image-size", type=int, default=_DEFAULTS["image_size"],
                       help="resize every image to this many pixels a side (bilinear, "
@@ -204,12 +228,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "CIFAR networks with option A shortcuts, whose stages halve it twice (default: as stored)")
     model = parser.add_argument_group("model")
     model.add_argument("--depth", type=int, default=_DEFAULTS["depth"], help="6n+2; default 110 (SVHN: 152)")
-    model.add_argument("--shortcut", choices=["A", "projection"], default=_DEFAULTS["shortcut"])
+    model.add_argument("--shortcut", choices=CHOICES["shortcut"], default=_DEFAULTS["shortcut"])
     model.add_argument("--p-last", type=float, default=_DEFAULTS["p_last"],
                        help="survival probability of the last block; 1 = plain")
     model.add_argument("--plain", action="store_true", default=_DEFAULTS["plain"],
                        help="train the plain ResNet (same as --p-last 1)")
-    model.add_argument("--survival-rule", choices=["linear", "uniform"], default=_DEFAULTS["survival_rule"])
+    model.add_argument("--survival-rule", choices=CHOICES["survival_rule"], default=_DEFAULTS["survival_rule"])
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="default 500 (SVHN: 50)")
     optim.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="of all processes together")
@@ -219,7 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_DEFAULTS["nesterov"])
     optim.add_argument("--lr-milestones", type=float, nargs="+", default=_DEFAULTS["lr_milestones"],
                        help="fractions of the run (see --schedule-unit) after which lr /= 10")
-    optim.add_argument("--schedule-unit", choices=["epoch", "step"], default=_DEFAULTS["schedule_unit"],
+    optim.add_argument("--schedule-unit", choices=CHOICES["schedule_unit"], default=_DEFAULTS["schedule_unit"],
                        help="'epoch': lr drops after floor(f * epochs) epochs (the paper); 'step': after "
                        "floor(f * total steps) optimizer steps, for runs of a fixed number of steps or under one epoch")
     optim.add_argument("--warmup-steps", type=int, default=_DEFAULTS["warmup_steps"],
@@ -227,12 +251,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "ResNet-110 up at lr 0.01 for about 400 iterations); the schedule then goes on as without it")
     optim.add_argument("--warmup-lr", type=float, default=_DEFAULTS["warmup_lr"],
                        help="lr of the warm-up steps (default: --lr / 10)")
-    optim.add_argument("--warmup-shape", choices=["constant", "linear"], default=_DEFAULTS["warmup_shape"],
+    optim.add_argument("--warmup-shape", choices=CHOICES["warmup_shape"], default=_DEFAULTS["warmup_shape"],
                        help="'constant': every warm-up step at --warmup-lr (He et al.); 'linear': from --warmup-lr "
                        "at the first step towards the scheduled lr, reached at step --warmup-steps (Goyal et al., 2017)")
     optim.add_argument(
         "--dropped-update",
-        choices=["decay", "skip"],
+        choices=CHOICES["dropped_update"],
         default=_DEFAULTS["dropped_update"],
         help="'decay': a dropped block's parameters get a zero gradient, so weight decay and momentum still "
         "move them (the official code, which produced the paper's numbers); 'skip': they are left alone "

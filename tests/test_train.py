@@ -197,6 +197,22 @@ def test_bad_warmup_size_and_eval_options_are_refused_naming_the_value(option, v
     assert f"got {value}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value", [("--lr", "0"), ("--lr", "nan"), ("--momentum", "-1"), ("--weight-decay", "inf")])
+def test_bad_optimiser_options_are_refused_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([option, value])
+    assert f"{option} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("schedule_unit", "steps"), ("warmup_shape", "cosine"), ("shortcut", "B"),
+                                          ("survival_rule", "foo"), ("augmentation", "flip"), ("lr_milestones", 0.5),
+                                          ("val_size", -3)])  # fmt: skip
+def test_a_recipe_built_in_code_is_checked_as_the_command_line_is(field, value):
+    # regime_study, gpu_recipe and stored checkpoints build a Recipe without argparse's choices.
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')}"):
+        train.Recipe(dataset="mnist", depth=8, **{field: value})
+
+
 def test_resume_inside_an_epoch_continues_exactly(fake_cifar, tmp_path):
     whole = train.main(cifar_argv(fake_cifar, tmp_path / "whole", "--epochs", "2"))
     train.main(cifar_argv(fake_cifar, tmp_path / "parts", "--epochs", "2", "--max-steps", "4"))
