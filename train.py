@@ -819,7 +819,7 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
             if processes.is_main:
                 save_checkpoint(output_dir / "checkpoint.pt", recipe, training, data.batches, step, records, everyone)
             break
-        records.append(end_epoch(recipe, args, processes, data, training, epoch, progress, last=step == stop_at))
+        records.append(end_epoch(recipe, args, processes, data, training, epoch, progress, last=step == total_steps))
         progress = EpochProgress()
         if recipe.schedule_unit == "epoch":
             training.scheduler.step()

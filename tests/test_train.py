@@ -223,6 +223,16 @@ def test_resume_inside_an_epoch_continues_exactly(fake_cifar, tmp_path):
     assert without_times(resumed.records) == without_times(whole.records)
 
 
+def test_a_stop_at_an_epoch_end_evaluates_only_where_an_uninterrupted_run_does(fake_cifar, tmp_path):
+    # With --eval-every 2 the best validation epoch is chosen among epochs 2 and 4; a --max-steps
+    # stop after epoch 1 must not add an evaluation there, or the headline could change with it.
+    whole = train.main(cifar_argv(fake_cifar, tmp_path / "whole", "--epochs", "4", "--eval-every", "2"))
+    train.main(cifar_argv(fake_cifar, tmp_path / "parts", "--epochs", "4", "--eval-every", "2", "--max-steps", "3"))
+    resumed = train.main(cifar_argv(fake_cifar, tmp_path / "parts", "--epochs", "4", "--eval-every", "2", "--resume"))
+    assert [r["val_error"] is None for r in whole.records] == [True, False, True, False]
+    assert without_times(resumed.records) == without_times(whole.records)
+
+
 def test_resume_with_other_options_is_refused_naming_them(fake_cifar, tmp_path):
     train.main(cifar_argv(fake_cifar, tmp_path, "--epochs", "2", "--max-steps", "1"))
     with pytest.raises(ValueError, match=r"--p-last 0.5 there, 0.8 here"):
