@@ -201,6 +201,15 @@ class Recipe:
 _DEFAULTS = {f.name: f.default for f in fields(Recipe)}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where the help says the default itself (or a flag has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or "") or isinstance(action, argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line `argv` (default: ``sys.argv``), checked.
 
@@ -210,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     parser = argparse.ArgumentParser(
         description="Train a ResNet with stochastic depth (or without) with the paper's recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=CHOICES["dataset"], default=_DEFAULTS["dataset"])
