@@ -201,6 +201,6 @@ def verdict_lines(summary: dict[str, Any]) -> dict[str, list[str]]:
         s = c["step_time_ratio"]
         lines["speed"].append(
             f"{p}: median training step {s['mean']:.3f}x the plain one, 95% CI {_interval(s['ci95'], '.3f')} "
-            f"({1 - s['mean']:.0%} shorter); FLOP floor {c['flop_floor']:.3f}x"
+            f"({abs(1 - s['mean']):.0%} {'shorter' if s['mean'] <= 1 else 'longer'}); FLOP floor {c['flop_floor']:.3f}x"
         )
     return lines

@@ -67,6 +67,13 @@ def test_a_a_comparison_gives_exactly_zero_with_a_zero_width_interval(tiny_study
     assert "no difference" in line and "[+0.00, +0.00]" in line
 
 
+def test_the_speed_line_says_longer_when_the_step_is_slower(tiny_study):
+    _, _, results = tiny_study
+    summary = study.summarize(results)
+    summary["comparisons"][0]["step_time_ratio"] = {"mean": 1.02, "ci95": [1.01, 1.03], "n": 2, "verdict": "above 1"}
+    assert "(2% longer)" in study.verdict_lines(summary)["speed"][0]
+
+
 def test_a_synthetic_shift_of_known_size_is_detected_and_bracketed():
     rng = np.random.default_rng(0)
     plain = rng.normal(97.0, 0.5, size=8)
