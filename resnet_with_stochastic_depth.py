@@ -370,8 +370,7 @@ class StochasticDepth(nn.Module):
         self.survival_prob = _check_probability(survival_prob, "survival_prob")
         self.mode = _check_mode(mode)
         self.inverted = bool(inverted)
-        self.seed_given = seed is not None
-        self.seed = _check_seed(seed) if seed is not None else int(torch.randint(2**62, ()).item())
+        self.seed, self.seed_given = _seed_or_random(seed)
         self.index = int(index)
         self._drop_scale = 1.0
         self.step: tuple[int, ...] | None = None
@@ -546,6 +545,13 @@ def _check_int(value: Any, name: str, low: int, high: int) -> int:
 
 def _check_seed(seed: Any) -> int:
     return _check_int(seed, "seed", 0, 2**62)
+
+
+def _seed_or_random(seed: Any) -> tuple[int, bool]:
+    """(seed, whether one was given): a given seed checked, else one drawn from torch's global generator."""
+    if seed is None:
+        return int(torch.randint(2**62, ()).item()), False
+    return _check_seed(seed), True
 
 
 def _check_step(step: Sequence[Any]) -> tuple[int, ...]:
@@ -1178,8 +1184,7 @@ def add_stochastic_depth(
     if mode is None:
         mode = "row_subset" if own_rates else "batch"
 
-    seed_given = seed is not None
-    seed = _check_seed(seed) if seed_given else int(torch.randint(2**62, ()).item())
+    seed, seed_given = _seed_or_random(seed)
     index = 0  # the gates' numbers, in block order, which tell their draws apart
     for c, gate_probs in zip(conversions, probs):
         block_inverted = (c.drop_probs is not None) if inverted is None else inverted
