@@ -908,7 +908,7 @@ def end_epoch(
     otherwise, and the validation ones without a validation set). Training loss and error are
     over all processes' images; losses are mean cross-entropies (nats), errors fractions.
     """
-    model, device = training.model, processes.device
+    model = training.model
     start = time.perf_counter()
     _share_batchnorm_statistics(model, processes)
     val_loss = val_error = test_loss = test_error = None
@@ -917,8 +917,8 @@ def end_epoch(
         if len(data.val.labels):
             val_loss, val_error = evaluate(model, data.val, data.preprocess, processes, **options)
         test_loss, test_error = evaluate(model, data.test, data.preprocess, processes, **options)
-    images_seen = torch.tensor([progress.images_seen], device=device)
-    loss_sum, errors, count = _all_reduce_sum(torch.cat([progress.totals, images_seen]), processes).tolist()
+    everyone = progress.summed_over(processes)
+    (loss_sum, errors), count = everyone.totals.tolist(), everyone.images_seen
     return {
         "epoch": epoch + 1, "step": (epoch + 1) * data.steps_per_epoch, "lr": training.optimizer.param_groups[0]["lr"],
         "train_loss": loss_sum / count, "train_error": errors / count,
