@@ -56,7 +56,7 @@ from run_statistics import (
 from stochastic_depth.counting import training_flop_floor
 from stochastic_depth.evaluation_network import keep_blocks
 from study_summary import PLAIN, stochastic_name, summarize, verdict_lines
-from training import build_resnet, pick_device, predict, synchronize, train_lockstep
+from training import build_resnet, evaluate, pick_device, predict, synchronize, train_lockstep
 
 __all__ = [
     "LOADERS",
@@ -379,11 +379,8 @@ def _probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def _evaluate(model: nn.Module, split: LabelledImages) -> dict[str, float]:
     """Whole-split ``accuracy`` (fraction correct) and ``loss`` (mean cross-entropy) of `model`."""
-    probabilities = _probabilities(model, split.images)
-    return {
-        "accuracy": _accuracy(probabilities, split.labels),
-        "loss": F.nll_loss(probabilities.clamp_min(1e-12).log(), split.labels).item(),
-    }
+    loss, accuracy = evaluate(model, split, batch_size=EVAL_BATCH_SIZE)
+    return {"accuracy": accuracy, "loss": loss}
 
 
 def _accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
