@@ -54,15 +54,25 @@ def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabili
     blocks = model.blocks
     if len(probabilities) != len(blocks):
         raise ValueError(f"expected {len(blocks)} survival probabilities, one per block, got {len(probabilities)}")
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(images), labels).backward()
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
-    root = type(model).__name__
-    names = [f"{root}.{name}" for name, m in model.named_modules() if m in blocks]
+    counts, total = _counted_step(model, images, labels, FlopCounterMode(display=False))
+    names = [name for name, m in model.named_modules() if m in blocks]
     block_work = [counts.get(n, 0) - counts.get(n + ".downsample", 0) for n in names]
-    fixed = total - sum(block_work)
-    expected = fixed + sum(p * w for p, w in zip(probabilities, block_work))
+    return _floor(total, block_work, probabilities)
+
+
+def _counted_step(model: nn.Module, images: Tensor, labels: Tensor, counter: FlopCounterMode) -> tuple[dict[str, int], int]:
+    """FLOPs of one cross-entropy training step of `model`: by module (``named_modules`` names) and in total."""
+    with counter:
+        F.cross_entropy(model(images), labels).backward()
+    prefix = type(model).__name__ + "."  # how FlopCounterMode names the model's submodules
+    counts = {name.removeprefix(prefix): sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    return counts, counter.get_total_flops()
+
+
+def _floor(total: int, work: Sequence[int], fractions: Sequence[float]) -> dict[str, float]:
+    """The floor ``(fixed + sum q w) / total`` of a step of `total` FLOPs whose parts `work` run with fractions `fractions`."""
+    fixed = total - sum(work)
+    expected = fixed + sum(q * w for q, w in zip(fractions, work))
     return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}
 
 
@@ -194,12 +204,5 @@ def gate_flop_floor(
         ]
     if len(fractions) != len(gates):
         raise ValueError(f"expected {len(gates)} fractions, one per gate, got {len(fractions)}")
-    with _flop_counter() as counter:
-        F.cross_entropy(twin(images), labels).backward()
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
-    root = type(twin).__name__
-    work = [counts.get(f"{root}.{names[g]}", 0) for g in gates]
-    fixed = total - sum(work)
-    expected = fixed + math.fsum(q * w for q, w in zip(fractions, work))
-    return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}
+    counts, total = _counted_step(twin, images, labels, _flop_counter())
+    return _floor(total, [counts.get(names[g], 0) for g in gates], fractions)
