@@ -25,7 +25,8 @@ import torch
 
 from atomic_files import write_json_atomically
 from benchmarks.bench_training_step import flop_floors, parse_image, time_steps
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, _subset_size, stochastic_depth_gates
+from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_depth_gates
+from stochastic_depth.gate import _subset_size
 
 
 def _slice_forward(gate, branch, x, shortcut):

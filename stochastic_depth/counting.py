@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # what FlopCounterMo
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from resnet_with_stochastic_depth import ResNet, StochasticDepth, _subset_size
+from resnet_with_stochastic_depth import ResNet
+from stochastic_depth.gate import StochasticDepth, _subset_size
 
 __all__ = ["gate_flop_floor", "training_flop_floor", "training_operator_count"]
 

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resnet_with_stochastic_depth import BasicBlock, Bottleneck, StochasticDepth
+from resnet_with_stochastic_depth import BasicBlock, Bottleneck
+from stochastic_depth.gate import StochasticDepth
 
 __all__ = ["evaluation_mode", "keep_blocks", "recompute_batchnorm_statistics", "residual_blocks"]
 

@@ -84,8 +84,9 @@ try:  # timm is optional: without it, torchvision's blocks are still converted
     from timm.layers import DropPath
 except ImportError:
     timm_convnext = timm_resnet = timm_vit = DropPath = None
-from resnet_with_stochastic_depth import StochasticDepth
-from resnet_with_stochastic_depth import gate_in_layout as _gate_in_layout
+
+from stochastic_depth.gate import StochasticDepth
+from stochastic_depth.gate import gate_in_layout as _gate_in_layout
 
 __all__ = [
     "BlockConversion",

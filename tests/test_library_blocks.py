@@ -26,10 +26,10 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
 from stochastic_depth.counting import _flop_counter, gate_flop_floor, training_flop_floor
+from stochastic_depth.gate import _channels_last
 from stochastic_depth.library_blocks import _BY_LIBRARY_CLASS, _CONVERTED, supported_blocks
 from resnet_with_stochastic_depth import (
     ResNet,
-    _channels_last,
     add_stochastic_depth,
     stochastic_depth_gates,
     survival_probabilities,

@@ -1,5 +1,6 @@
 """The installable library: what `pip install .` puts into site-packages, and that it imports from anywhere."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,9 @@ def test_the_wheel_holds_the_model_file_and_the_package_only(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"resnet_with_stochastic_depth.py", "stochastic_depth"}
-    assert {Path(n).name for n in names if n.startswith("stochastic_depth/")} == {
-        "__init__.py", "compilation.py", "counting.py", "evaluation_network.py", "library_blocks.py",
-    }
+    package = {path.name for path in (ROOT / "stochastic_depth").glob("*.py")}
+    assert {"__init__.py", "gate.py", "library_blocks.py"} <= package
+    assert {Path(n).name for n in names if n.startswith("stochastic_depth/")} == package
 
 
 def test_installed_library_imports_from_another_folder(wheel, tmp_path):
@@ -67,14 +68,62 @@ def test_installed_library_imports_from_another_folder(wheel, tmp_path):
     assert found.split() == ["False"] * len(EXPERIMENT_MODULES)
 
 
-def test_names_that_moved_to_the_package_still_import_with_a_warning():
-    import resnet_with_stochastic_depth
-    from stochastic_depth import compilation, counting
+# The library's modules, base first: each imports only modules before it (and never the
+# other way round), so any one of them imports first in a fresh interpreter.
+IMPORT_ORDER = (
+    "stochastic_depth.gate",
+    "stochastic_depth.schedules",
+    "stochastic_depth.library_blocks",
+    "resnet_with_stochastic_depth",
+    "stochastic_depth.compilation",
+    "stochastic_depth.counting",
+    "stochastic_depth.evaluation_network",
+)
 
-    with pytest.warns(DeprecationWarning, match="stochastic_depth.compilation"):
-        from resnet_with_stochastic_depth import compile_branches
-    assert compile_branches is compilation.compile_branches
-    with pytest.warns(DeprecationWarning, match="stochastic_depth.counting"):
-        assert resnet_with_stochastic_depth.training_flop_floor is counting.training_flop_floor
-    with pytest.raises(AttributeError, match="no attribute 'compile_branch'"):
-        resnet_with_stochastic_depth.compile_branch
+
+def _library_imports(path: Path) -> tuple[set[str], list[str]]:
+    """(library modules `path` imports at its top level, library imports made inside a function or class)."""
+    tree = ast.parse(path.read_text())
+    top, nested = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        names = [n for n in names if n.split(".")[0] in ("stochastic_depth", "resnet_with_stochastic_depth")]
+        (top.update(names) if node in tree.body else nested.extend(names))
+    return top, nested
+
+
+def test_the_library_imports_run_one_way_and_never_from_inside_a_function():
+    for position, module in enumerate(IMPORT_ORDER):
+        path = ROOT / (module.replace(".", "/") + ".py")
+        top, nested = _library_imports(path)
+        assert not nested, f"{path.name} imports {nested} inside a function or class"
+        assert top <= set(IMPORT_ORDER[:position]), f"{module} imports {top - set(IMPORT_ORDER[:position])}, above it"
+    package = {f"stochastic_depth.{p.stem}" for p in (ROOT / "stochastic_depth").glob("*.py") if p.stem != "__init__"}
+    assert package <= set(IMPORT_ORDER), f"place {package - set(IMPORT_ORDER)} in IMPORT_ORDER"
+
+
+@pytest.mark.parametrize("module", IMPORT_ORDER)
+def test_each_library_module_imports_first_in_a_fresh_interpreter(module):
+    # Also that the base (the gate) does not pull in the models.
+    script = (
+        f"import sys, {module}\n"
+        "print('resnet_with_stochastic_depth' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded_models = IMPORT_ORDER.index(module) >= IMPORT_ORDER.index("resnet_with_stochastic_depth")
+    assert result.stdout.split() == [str(loaded_models)]
+
+
+def test_the_gate_is_importable_from_the_model_file_as_before():
+    import resnet_with_stochastic_depth as model_file
+    from stochastic_depth import gate, schedules
+
+    for name in gate.__all__:
+        assert getattr(model_file, name) is getattr(gate, name)
+    assert model_file.linear_drop_warmup is schedules.linear_drop_warmup

@@ -17,7 +17,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from resnet_with_stochastic_depth import (
-    _channels_last,
     AvgPoolZeroPad,
     BasicBlock,
     Bottleneck,
@@ -35,6 +34,7 @@ from resnet_with_stochastic_depth import (
 )
 from stochastic_depth.compilation import compile_branches
 from stochastic_depth.counting import training_operator_count
+from stochastic_depth.gate import _channels_last
 
 
 def tiny_pair(seed=0, **stochastic_kwargs):
