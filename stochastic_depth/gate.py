@@ -278,7 +278,10 @@ class StochasticDepth(nn.Module):
     Evaluation: the branch always runs, scaled by ``survival_prob`` (the paper's test
     rule), or unscaled when ``inverted=True``, in which case a surviving branch is
     scaled by ``1 / survival_prob`` while training instead. Both conventions give
-    the same expected output. A branch with ``survival_prob == 0`` is left out.
+    the same expected output. A branch with ``survival_prob == 0`` is left out. With
+    ``drop_scale < 1`` both use the survival probability in force,
+    ``1 - drop_scale * (1 - survival_prob)``, so that evaluation matches the training
+    passes of that moment (a drop warm-up, or a schedule that stops dropping).
     Nothing is drawn in evaluation, so an eval-mode model compiles as one graph.
 
     Drawing (the rule at the top of this section): each training call draws the
@@ -353,8 +356,10 @@ class StochasticDepth(nn.Module):
         self._recent: collections.OrderedDict[int, tuple[int, tuple[int, ...] | None]] = collections.OrderedDict()
 
     def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
-        p = self.survival_prob
         if not self.training:
+            # The survival probability in force (p_l, or more while drop_scale < 1): after a
+            # schedule that ends with fewer drops, evaluation is the network training ended with.
+            p = _warmed_up(self.survival_prob, self._drop_scale)
             if not torch.compiler.is_compiling():  # (a graph should not carry this side effect)
                 self.last_active = torch.tensor(p > 0.0)
             if p == 0.0:  # never trained with this branch: leave it out at test time too

@@ -452,7 +452,7 @@ def test_all_survival_probabilities_one_is_exactly_resnet():
     x, y = batch(8)
     outputs = [m(x) for m in (plain, stochastic)]
     assert torch.equal(*outputs)
-    for model, out in zip((plain, stochastic), outputs):
+    for out in outputs:
         F.cross_entropy(out, y).backward()
     for (name, a), b in zip(plain.named_parameters(), stochastic.parameters()):
         assert torch.equal(a.grad, b.grad), name
@@ -753,6 +753,32 @@ def test_drop_scale_scales_every_blocks_drop_probability(mode, drop_scale):
     for count, p in zip(kept.tolist(), model.survival_probabilities):
         survival = 1 - drop_scale * (1 - p)  # exactly 1 at drop_scale 0: the bound is then 1e-9
         assert abs(count - trials * survival) <= binomial_bound(trials, survival), (count, survival)
+
+
+@pytest.mark.parametrize("p, drop_scale", [(0.5, 1.0), (0.5, 0.25), (0.2, 0.0), (0.0, 0.5), (0.0, 0.0)])
+def test_evaluation_scales_by_the_survival_probability_in_force(p, drop_scale):
+    # By hand: shortcut + (1 - drop_scale (1 - p)) * branch; unscaled when inverted; a branch
+    # that is never kept in training (probability in force 0) is left out.
+    x, shortcut = torch.randn(3, 5), torch.randn(3, 5)
+    for inverted in (False, True):
+        gate = StochasticDepth(survival_prob=p, inverted=inverted, seed=0).eval()
+        gate.drop_scale = drop_scale
+        in_force = 1 - drop_scale * (1 - p)
+        expected = shortcut if in_force == 0 else shortcut + (1.0 if inverted else in_force) * (2 * x)
+        torch.testing.assert_close(gate(lambda t: 2 * t, x, shortcut), expected, rtol=0, atol=1e-6)
+        assert bool(gate.last_active) == (in_force > 0)
+
+
+def test_after_a_schedule_that_stops_dropping_evaluation_is_the_plain_network():
+    # drop_scale 0 (e.g. the end of an early schedule): the evaluated network is the one that
+    # trained last, every block at full strength: the plain ResNet with the same weights.
+    plain, stochastic = tiny_pair(seed=3)
+    stochastic_depth_state(stochastic).drop_scale = 0.0
+    x, _ = batch(4, size=8)
+    plain.eval(), stochastic.eval()
+    assert torch.equal(plain(x), stochastic(x))  # one process: the same operations, bit for bit
+    stochastic_depth_state(stochastic).drop_scale = 1.0
+    assert not torch.allclose(plain(x), stochastic(x))
 
 
 def test_drop_scale_is_checked_and_part_of_the_state():
