@@ -26,7 +26,9 @@ study: venv
 	mkdir -p results
 	$(PY) -m papermill stochastic_depth_study.ipynb results/stochastic_depth_study.ipynb --cwd . $(PARAMS)
 
+# The linter first (rules in pyproject.toml), then the tests.
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -ra
 
 lab: venv

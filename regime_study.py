@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 import compare_runs
-from atomic_files import write_json_atomically, write_text_atomically
 import image_data
 import train
+from atomic_files import write_json_atomically, write_text_atomically
 from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
 
 # Training images used to re-estimate BatchNorm statistics and to measure the training error of the

@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from run_statistics import fluctuation, holm_adjusted, own_fluctuation, paired_difference, paired_ratio, paired_t_p_value, spread
+from run_statistics import (
+    fluctuation,
+    holm_adjusted,
+    own_fluctuation,
+    paired_difference,
+    paired_ratio,
+    paired_t_p_value,
+    spread,
+)
 
 __all__ = ["PLAIN", "WARM_UP_STEPS", "stochastic_name", "summarize", "verdict_lines"]
 

@@ -47,11 +47,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from atomic_files import write_atomically, write_json_atomically
 import image_data
+from atomic_files import write_atomically, write_json_atomically
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
 from training import (
-    BatchSampler, build_resnet, predict, save_atomically, synchronize,
+    BatchSampler,
+    build_resnet,
+    predict,
+    save_atomically,
+    synchronize,
 )  # fmt: skip
 
 # Dataset-dependent defaults (Section 4 of the paper). MNIST-like sets get the CIFAR recipe

@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 from atomic_files import write_atomically, write_json_atomically
 from mnist import LabelledImages
-from resnet_with_stochastic_depth import ResNet, StochasticDepthState, StochasticResNet, linear_drop_warmup, stochastic_depth_state
+from resnet_with_stochastic_depth import (
+    ResNet,
+    StochasticDepthState,
+    StochasticResNet,
+    linear_drop_warmup,
+    stochastic_depth_state,
+)
 from stochastic_depth.evaluation_network import evaluation_mode
 
 __all__ = [
@@ -48,6 +54,8 @@ __all__ = [
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "step_time")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+# train_lockstep's default optimizer (a module-level value, not a call in the signature).
+ADAM: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3)
 
 
 def build_resnet(
@@ -305,7 +313,7 @@ def train_lockstep(
     batch_size: int,
     *,
     test_batch_size: int | None = None,
-    optimizer: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3),
+    optimizer: OptimizerFactory = ADAM,
     device: str | torch.device | None = None,
     seed: int = 0,
     checkpoint_path: str | Path | None = None,
@@ -444,7 +452,8 @@ def train_lockstep(
                 # Not deferred (not the main thread, or a second Ctrl-C): the iteration is half
                 # done, so drop it, and keep the last checkpoint rather than saving this state.
                 warnings.warn(
-                    f"Interrupted during iteration {iteration}; returning the {iteration - 1} iterations before it"
+                    f"Interrupted during iteration {iteration}; returning the {iteration - 1} iterations before it",
+                    stacklevel=2,
                 )
                 break
             for name, values in record.items():
@@ -465,7 +474,7 @@ def train_lockstep(
                         history,
                     ) from error
             if interrupt.is_set():
-                warnings.warn(f"Interrupted: stopped after iteration {iteration} of {iterations}")
+                warnings.warn(f"Interrupted: stopped after iteration {iteration} of {iterations}", stacklevel=2)
                 break
     return history
 

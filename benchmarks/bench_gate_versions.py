@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+import resnet_with_stochastic_depth as current
 from atomic_files import write_json_atomically
 from benchmarks.bench_training_step import parse_image, time_steps
-import resnet_with_stochastic_depth as current
 
 
 def main() -> None:

@@ -37,8 +37,8 @@ import torch
 
 from atomic_files import write_json_atomically
 from benchmarks.bench_training_step import time_steps
-from stochastic_depth.counting import gate_flop_floor
 from resnet_with_stochastic_depth import DROP_MODES, add_stochastic_depth
+from stochastic_depth.counting import gate_flop_floor
 
 MASKING = "unconverted (masking drop path)"
 FIXED = "converted, every branch dropped"

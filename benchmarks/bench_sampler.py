@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
-from atomic_files import write_json_atomically
 import utils
+from atomic_files import write_json_atomically
 from mnist import VENDORED_MNIST
 from training import synchronize
 
@@ -90,10 +90,10 @@ def main() -> None:
         rows = []
         for batch_size in args.batch_sizes:
             candidates = {
-                "utils.BatchSampler": lambda: utils.BatchSampler(train.images, train.labels, batch_size, device=device),
-                "DataLoader, 0 workers": lambda: dataloader_batches(dataset, batch_size, 0, device),
-                "DataLoader, 2 workers": lambda: dataloader_batches(dataset, batch_size, 2, device),
-                "(one training step, small CNN)": lambda: training_steps(batch_size, device),
+                "utils.BatchSampler": lambda b=batch_size: utils.BatchSampler(train.images, train.labels, b, device=device),
+                "DataLoader, 0 workers": lambda b=batch_size: dataloader_batches(dataset, b, 0, device),
+                "DataLoader, 2 workers": lambda b=batch_size: dataloader_batches(dataset, b, 2, device),
+                "(one training step, small CNN)": lambda b=batch_size: training_steps(b, device),
             }
             for name, make_batches in candidates.items():
                 batches = iter(make_batches())

@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from atomic_files import write_json_atomically, write_text_atomically
 import image_data
 import train
+from atomic_files import write_json_atomically, write_text_atomically
 from stochastic_depth.counting import training_flop_floor
+from training import BatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
-from training import BatchSampler
 
 PAPER_TITAN_X_EPOCH_S = {"plain": 75.0, "stochastic": 60.0}  # Huang et al., Section 4, ResNet-110 on CIFAR-10
 

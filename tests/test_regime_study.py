@@ -6,11 +6,11 @@ import json
 import pytest
 import scipy.stats
 import torch
+from test_compare_runs import write_run
+from test_train import cifar_argv, fake_cifar  # noqa: F401  (the fixture)
 
 import regime_study
 import train
-from test_compare_runs import write_run
-from test_train import cifar_argv, fake_cifar  # noqa: F401  (the fixture)
 
 
 def write_cell(root, depth, size, plain_errors, sd_errors, plain_bn, sd_bn):

@@ -283,7 +283,6 @@ def _train_worker(rank, world_size, port, data_dir, out, results, extra=("--epoc
 
 def test_two_processes_drop_the_same_blocks_and_keep_equal_parameters(fake_cifar, tmp_path):
     import torch.multiprocessing as mp
-
     from torch.distributed.elastic.utils.distributed import get_free_port
 
     with mp.Manager() as manager:
@@ -301,7 +300,6 @@ def test_two_processes_drop_the_same_blocks_and_keep_equal_parameters(fake_cifar
 def test_two_processes_resumed_inside_an_epoch_report_it_as_an_uninterrupted_run(fake_cifar, tmp_path):
     # Rank 0 writes the checkpoint alone: the epoch's training totals must be everyone's, counted once.
     import torch.multiprocessing as mp
-
     from torch.distributed.elastic.utils.distributed import get_free_port
 
     runs = {"straight": [("--epochs", "2")], "resumed": [("--epochs", "2", "--max-steps", "1"), ("--epochs", "2", "--resume")]}
