@@ -68,6 +68,7 @@ keeps it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
@@ -345,6 +346,18 @@ if timm_vit is not None:
 _BY_LIBRARY_CLASS: dict[type[nn.Module], type[_Converted]] = {kind.LIBRARY_CLASS: kind for kind in _CONVERTED}
 
 
+# Drop-path classes of other libraries, known by name (Hugging Face's ConvNextDropPath,
+# Dinov2DropPath, BeitDropPath, ...; fairseq's LayerDrop is a list, not a path).
+_DROP_PATH_NAME = re.compile(r"drop_?path|stochastic_?depth", re.IGNORECASE)
+
+
+def _is_drop_path(module: nn.Module) -> bool:
+    """Whether `module` masks a residual branch: torchvision's or timm's class, or a class named like one."""
+    if isinstance(module, StochasticDepth):  # a gate: already converted
+        return False
+    return isinstance(module, _DROP_PATH_TYPES) or any(_DROP_PATH_NAME.search(c.__name__) for c in type(module).__mro__)
+
+
 def supported_blocks() -> list[str]:
     """The qualified names of the library blocks :func:`library_block_conversions` converts."""
     return [f"{c.LIBRARY_CLASS.__module__}.{c.LIBRARY_CLASS.__qualname__}" for c in _CONVERTED]
@@ -430,22 +443,34 @@ def library_block_conversions(model: nn.Module) -> list[BlockConversion]:
     ------
     TypeError
         When a module that is not a supported block holds a drop-path module
-        (``torchvision.ops.StochasticDepth``, ``timm.layers.DropPath``), naming it and
-        the supported blocks; for a timm ``DropPath(scale_by_keep=False)``.
+        (``torchvision.ops.StochasticDepth``, ``timm.layers.DropPath``, or any class
+        named like one, such as Hugging Face's ``ConvNextDropPath``), naming the drop
+        paths by their qualified names and the supported blocks; for a timm
+        ``DropPath(scale_by_keep=False)``.
     """
     names = {module: name or type(model).__name__ for name, module in model.named_modules()}
     supported = (*_BY_LIBRARY_CLASS, *_CONVERTED)
-    for module, module_name in names.items():
-        if type(module) in supported:
-            continue
-        for child_name, child in module.named_children():
-            if isinstance(child, _DROP_PATH_TYPES):
-                raise TypeError(
-                    f"{module_name} ({type(module).__module__}.{type(module).__qualname__}) holds the drop-path "
-                    f"module {child_name!r} ({type(child).__name__}) but is not a block that add_stochastic_depth "
-                    f"can convert, so its branch would still be computed and masked. Supported blocks: "
-                    f"{', '.join(supported_blocks())}, and torchvision's ResNet BasicBlock and Bottleneck"
-                )
+    unconvertible = [
+        (module, f"{names[module]}.{child_name}", child)
+        for module in names
+        if type(module) not in supported
+        for child_name, child in module.named_children()
+        if _is_drop_path(child)
+    ]
+    if unconvertible:
+        module, qualified_name, child = unconvertible[0]
+        listed = ", ".join(f"{name} ({type(child).__name__})" for _, name, child in unconvertible[:3])
+        more = f" and {len(unconvertible) - 3} more" if len(unconvertible) > 3 else ""
+        hugging_face = (
+            " Hugging Face transformers models are not converted yet."
+            if type(module).__module__.startswith("transformers.") else ""
+        )
+        raise TypeError(
+            f"{type(model).__name__} holds drop-path modules in blocks that add_stochastic_depth cannot convert, "
+            f"so their branches would still be computed and masked: {listed}{more}, e.g. in "
+            f"{names[module]} ({type(module).__module__}.{type(module).__qualname__}).{hugging_face} Supported "
+            f"blocks: {', '.join(supported_blocks())}, and torchvision's ResNet BasicBlock and Bottleneck"
+        )
 
     conversions = []
     for parent in names:

@@ -5,6 +5,7 @@ Every family is built small (a few blocks, 16-64 channels, 32x32 images) with ra
 
 import copy
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -25,15 +26,15 @@ from torchvision.models.efficientnet import EfficientNet, FusedMBConv, FusedMBCo
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
-from stochastic_depth.counting import _flop_counter, gate_flop_floor, training_flop_floor
-from stochastic_depth.gate import _channels_last
-from stochastic_depth.library_blocks import _BY_LIBRARY_CLASS, _CONVERTED, supported_blocks
 from resnet_with_stochastic_depth import (
     ResNet,
     add_stochastic_depth,
     stochastic_depth_gates,
     survival_probabilities,
 )
+from stochastic_depth.counting import _flop_counter, gate_flop_floor, training_flop_floor
+from stochastic_depth.gate import _channels_last
+from stochastic_depth.library_blocks import _BY_LIBRARY_CLASS, _CONVERTED, supported_blocks
 
 RATE = 0.4  # drop_path_rate / stochastic_depth_prob of every family, spread over its blocks by the library
 
@@ -345,10 +346,48 @@ def test_a_custom_block_with_a_drop_path_is_refused_before_anything_changes():
     vit = build("timm ViT")
     vit.custom = CustomBlock()  # beside supported blocks
     before = {n: type(m) for n, m in vit.named_modules()}
-    with pytest.raises(TypeError, match=r"custom \(.*CustomBlock\) holds the drop-path module 'drop_path'.*Supported blocks: .*CNBlock.*vision_transformer.Block"):
+    with pytest.raises(TypeError, match=r"custom\.drop_path \(DropPath\).*in custom \(.*CustomBlock\).*Supported blocks: .*CNBlock.*vision_transformer.Block"):
         add_stochastic_depth(vit)
     assert {n: type(m) for n, m in vit.named_modules()} == before
     assert not hasattr(vit, "stochastic_depth_state")
+
+
+class OtherLibraryDropPath(nn.Module):
+    """A drop path of a library we do not know, recognised by its class name only."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x
+
+
+def test_a_drop_path_of_any_library_is_named_by_its_qualified_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
+    model[1].drop_path = OtherLibraryDropPath(0.1)
+    with pytest.raises(TypeError, match=r"1\.drop_path \(OtherLibraryDropPath\)"):
+        add_stochastic_depth(model)
+
+
+@pytest.mark.parametrize("family", ["ConvNext", "Dinov2"])
+def test_hugging_face_models_are_refused_naming_their_drop_paths(family):
+    transformers = pytest.importorskip("transformers")
+    if family == "ConvNext":
+        config = transformers.ConvNextConfig(
+            num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 2], drop_path_rate=0.3, num_labels=10
+        )
+        model, first = transformers.ConvNextForImageClassification(config), "convnext.encoder.stages.1.layers.0.drop_path"
+    else:
+        config = transformers.Dinov2Config(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32,
+            patch_size=8, drop_path_rate=0.3,
+        )
+        model, first = transformers.Dinov2Model(config), "encoder.layer.0.drop_path"
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(TypeError, match=rf"{re.escape(first)} \({family}DropPath\).*Hugging Face transformers models are not converted yet"):
+        add_stochastic_depth(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
 
 
 def test_timm_drop_path_without_scale_by_keep_is_refused():
@@ -452,11 +491,17 @@ def _layouts(model, x):
     seen, handles = {}, []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            hook = lambda m, args, name=name: seen.setdefault(name, []).append(_channels_last(args[0]))
-            handles.append(m.register_forward_pre_hook(hook))
+
+            def input_hook(m, args, name=name):
+                seen.setdefault(name, []).append(_channels_last(args[0]))
+
+            handles.append(m.register_forward_pre_hook(input_hook))
         elif type(m) in _BY_LIBRARY_CLASS or type(m) in _CONVERTED:
-            hook = lambda m, args, out, name=name: seen.setdefault(name, []).append(_channels_last(out))
-            handles.append(m.register_forward_hook(hook))
+
+            def output_hook(m, args, out, name=name):
+                seen.setdefault(name, []).append(_channels_last(out))
+
+            handles.append(m.register_forward_hook(output_hook))
     model(x).sum().backward()
     for h in handles:
         h.remove()
