@@ -206,7 +206,7 @@ def assert_json_close(actual, expected, rel=1e-9, path="$"):
 def test_assert_json_close_tolerates_the_last_digits_only():
     summary = {"mean": 0.985331989714745, "ci95": [0.8617066629060227, 1.0], "verdict": "no difference", "n": 5}
     assert_json_close({**summary, "mean": 0.9853319897147451, "ci95": [0.8617066629060228, 1.0]}, summary)
-    for changed in ({"mean": 0.98533199}, {"ci95": [0.8617066629060227]}, {"verdict": "helps"}, {"n": 6}):
+    for changed in ({"mean": 0.98533200}, {"ci95": [0.8617066629060227]}, {"verdict": "helps"}, {"n": 6}):
         with pytest.raises(AssertionError):
             assert_json_close({**summary, **changed}, summary)
 
