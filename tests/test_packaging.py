@@ -41,6 +41,14 @@ def test_the_wheel_holds_the_model_file_and_the_package_only(wheel):
     assert {Path(n).name for n in names if n.startswith("stochastic_depth/")} == package
 
 
+def test_the_wheel_carries_the_bsd_license(wheel):
+    archive = zipfile.ZipFile(wheel)
+    (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: BSD-3-Clause" in archive.read(metadata).decode().splitlines()
+    (license_file,) = [n for n in archive.namelist() if n.endswith("/LICENSE")]
+    assert archive.read(license_file).decode().startswith("BSD 3-Clause License")
+
+
 def test_installed_library_imports_from_another_folder(wheel, tmp_path):
     target, elsewhere = tmp_path / "site", tmp_path / "notebooks"
     elsewhere.mkdir()
