@@ -373,7 +373,9 @@ def test_ddp_of_each_family_drops_alike_and_accumulates_as_one_process(name):
         optimizer.step()
     steps_active = [a for r in results[0]["records"] for a in r["active"]]
     assert not all(all(a) for a in steps_active)  # some branches dropped
-    assert len({tuple(a) for a in steps_active}) > 1  # the unused parameters changed between micro-batches
+    # A branch used in a step's first micro-batch and dropped in its last, which DDP synchronised
+    # only since torch 2.4 (pytorch #69031, composer #9: stochastic depth trained badly).
+    assert any(first and not last for r in results[0]["records"] for first, last in zip(*r["active"]))
     for n, p in model.named_parameters():
         assert torch.equal(results[0]["params"][n], results[1]["params"][n]), n
         torch.testing.assert_close(results[0]["params"][n], p.detach(), rtol=1e-4, atol=1e-5, msg=n)
