@@ -396,3 +396,75 @@ def _static_graph_worker(rank):
 def test_ddp_static_graph_is_refused_with_a_clear_error():
     messages = spawn(_static_graph_worker)
     assert all(m is not None and "static_graph=True" in m and "static_graph=False" in m for m in messages)
+
+
+# ---------------------------------------------------------------------------------- FSDP2, every family
+
+FSDP_FAMILIES = [*FAMILIES, "ResNet (this project's)"]
+LAYER_NORM = {"timm ViT", "timm ConvNeXt", "torchvision ConvNeXt", "torchvision Swin"}
+
+
+def _fsdp_family(name):
+    if name == "ResNet (this project's)":
+        torch.manual_seed(0)
+        return StochasticResNet.cifar(8, in_channels=3, num_classes=10, p_last=0.5, seed=SEED)
+    return _family(name, "batch")
+
+
+def _expected_all_gathered(model, active):
+    """The bytes the recipe all-gathers in a step with these gates kept: the root once, each block's
+    own unit and each kept branch's unit twice (forward, and backward after resharding)."""
+    gates = stochastic_depth_gates(model)
+    total, in_units = 0, set()
+    for block in gated_blocks(model):
+        branches = branch_modules(block)
+        branch_ids = set()
+        for gate_name, children in branches.items():
+            params = [p for m in children for p in m.parameters()]
+            branch_ids |= {id(p) for p in params}
+            if active[gates.index(getattr(block, gate_name))]:
+                total += 2 * _padded_bytes(params)
+        own = [p for p in block.parameters() if id(p) not in branch_ids and id(p) not in in_units]
+        total += 2 * _padded_bytes(own)
+        in_units |= {id(p) for p in block.parameters()}
+    return total + _padded_bytes([p for p in model.parameters() if id(p) not in in_units])
+
+
+def _fsdp_family_worker(rank, name):
+    torch.manual_seed(100 + rank)
+    model = fully_shard_stochastic_depth(_fsdp_family(name))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    steps = []
+    for step in range(3):
+        set_step(model, step)
+        x, y = images(step, rank)
+        optimizer.zero_grad(set_to_none=True)
+        with collective_bytes() as sent:
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        groups = [g for s in _fsdp_units(model) for g in s._fsdp_param_groups]
+        steps.append({"active": [bool(g.last_active) for g in stochastic_depth_gates(model)],
+                      "all_gathered": sent.all_gathered, "all_sharded": all(g.is_sharded for g in groups)})
+    return {"steps": steps, "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("name", FSDP_FAMILIES)
+def test_fsdp2_of_each_family_gathers_only_the_kept_branches(name):
+    results = spawn(_fsdp_family_worker, name)
+    model = _fsdp_family(name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        set_step(model, step)
+        x, y = (torch.cat(t) for t in zip(*(images(step, rank) for rank in range(WORLD))))
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        active = [bool(g.last_active) for g in stochastic_depth_gates(model)]
+        for result in results:
+            assert result["steps"][step]["active"] == active
+            assert result["steps"][step]["all_gathered"] == _expected_all_gathered(model, active), step
+            assert result["steps"][step]["all_sharded"]
+    assert not all(all(r["active"]) for r in results[0]["steps"])
+    if name in LAYER_NORM:  # (BatchNorm normalises over each process's images, not over both processes')
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(results[0]["params"][n], p.detach(), rtol=0, atol=2e-5, msg=n)
