@@ -44,13 +44,13 @@ STEPS = 6
 BATCH = 4  # images per process per step
 
 
-def tiny_vit(mode="batch", convert=True, rate=RATE):
+def tiny_vit(mode="batch", convert=True, rate=RATE, seed=SEED):
     """timm ViT, patch 8 on 32x32 images, 4 blocks (8 gates); the same weights at every call."""
     torch.manual_seed(0)
     model = VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2, drop_path_rate=rate, num_classes=10,
     )
-    return add_stochastic_depth(model, mode=mode, seed=SEED) if convert else model
+    return add_stochastic_depth(model, mode=mode, seed=seed) if convert else model
 
 
 def images(step, rank, n=BATCH, size=32, channels=3):
@@ -124,8 +124,9 @@ def _fsdp_worker(rank, config):
                 "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
                 "gates": stochastic_depth_state(model).get_state(),
             }
-            torch.manual_seed(555)  # the new process's RNG differs too
-            model = _shard(tiny_vit(config["mode"], rate=rate), config)
+            # The new model's gates get another seed: set_state must bring back the run's.
+            torch.manual_seed(555)
+            model = _shard(tiny_vit(config["mode"], rate=rate, seed=SEED + 1), config)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             # (only rank 0 holds the full state dicts, as cpu_offload gives them: it sends them out)
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
