@@ -114,6 +114,10 @@ def _fsdp_worker(rank, config):
     rate = config.get("rate", RATE)
     model = _shard(tiny_vit(config["mode"], rate=rate), config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if config.get("prefetch_last_block"):
+        # A static explicit prefetch of the last block's two branch units, from the root.
+        last = gated_blocks(model)[-1]
+        model.set_modules_to_forward_prefetch([children[0] for children in branch_modules(last).values()])
     steps = []
     for step in range(STEPS):
         if step == config.get("resume_at"):
@@ -258,6 +262,25 @@ def test_fsdp2_row_modes_train_with_every_block_gathered(mode):
     start = dict(tiny_vit(mode).named_parameters())  # (the same weights at any rate)
     assert all(torch.equal(results[0]["params"][n], results[1]["params"][n]) for n in start)
     assert all(not torch.equal(results[0]["params"][n], p) for n, p in start.items() if n.endswith("weight"))
+
+
+def test_fsdp2_explicit_forward_prefetch_of_a_branch_gathers_it_also_when_dropped():
+    # What the docs warn about: a static prefetch list cannot know the step's drops.
+    results = spawn(_fsdp_worker, {"mode": "batch", "prefetch_last_block": True})
+    branch_bytes, root_bytes = _unit_bytes()
+    extra_steps = 0
+    for result in results:
+        for record in result["steps"]:
+            kept = sum(b for b, a in zip(branch_bytes, record["active"]) if a)
+            wasted = sum(b for b, a in zip(branch_bytes[-2:], record["active"][-2:]) if not a)
+            assert record["all_gathered"] == root_bytes + 2 * kept + wasted
+            assert record["reduce_scattered"] == root_bytes + kept  # no gradient of it is sent
+            assert record["all_sharded_and_idle"] and record["pending_reduce_scatters"] == 0
+            extra_steps += wasted > 0
+    assert extra_steps > 0
+    reference, _ = _single_process_reference()
+    for name, value in reference.items():
+        torch.testing.assert_close(results[1]["params"][name], value.detach(), rtol=0, atol=2e-5, msg=name)
 
 
 def _mismatched_seed_worker(rank):
