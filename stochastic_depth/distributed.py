@@ -194,7 +194,8 @@ def fully_shard_stochastic_depth(
         raise TypeError(f"{type(model).__name__} has no StochasticDepth gates: shard it with fully_shard")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise TypeError("the model is sharded already (a module of it is an FSDPModule): pass the unsharded model")
-    group = None if mesh is None else mesh.get_group()
+    # (over the mesh's processes; for a mesh of several dimensions, over the default group's)
+    group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None
     _check_gates_agree(gates, group)
 
     options: dict[str, Any] = {}

@@ -42,6 +42,7 @@ RATE = 0.4
 SEED = 7
 STEPS = 6
 BATCH = 4  # images per process per step
+MICRO = 2  # micro-batches per optimizer step, where there are
 
 
 def tiny_vit(mode="batch", convert=True, rate=RATE, seed=SEED):
@@ -283,6 +284,46 @@ def test_fsdp2_explicit_forward_prefetch_of_a_branch_gathers_it_also_when_droppe
         torch.testing.assert_close(results[1]["params"][name], value.detach(), rtol=0, atol=2e-5, msg=name)
 
 
+def _fsdp_accumulation_worker(rank):
+    """3 steps of MICRO micro-batches, each its own sub-network, gradients reduce-scattered at the last only."""
+    torch.manual_seed(100 + rank)
+    model = fully_shard_stochastic_depth(tiny_vit())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    active = []
+    for step in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(MICRO):
+            model.set_requires_gradient_sync(micro == MICRO - 1)
+            set_step(model, step, micro)
+            x, y = images(10 * step + micro, rank)
+            F.cross_entropy(model(x), y).backward()
+            active.append([bool(g.last_active) for g in stochastic_depth_gates(model)])
+        optimizer.step()
+    return {"active": active, "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
+
+
+def test_fsdp2_gradient_accumulation_with_a_sub_network_per_micro_batch_equals_one_process():
+    # A branch kept in a step's first micro-batch and dropped in its last must still have its
+    # accumulated gradient reduce-scattered (what DDP missed before torch 2.4, pytorch #69031).
+    results = spawn(_fsdp_accumulation_worker)
+    model = tiny_vit()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    active = []
+    for step in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(MICRO):
+            set_step(model, step, micro)
+            for rank in range(WORLD):
+                x, y = images(10 * step + micro, rank)
+                (F.cross_entropy(model(x), y) / WORLD).backward()
+            active.append([bool(g.last_active) for g in stochastic_depth_gates(model)])
+        optimizer.step()
+    assert results[0]["active"] == results[1]["active"] == active
+    assert any(first and not last for a, b in zip(active[::2], active[1::2]) for first, last in zip(a, b))
+    for name, value in model.named_parameters():
+        torch.testing.assert_close(results[0]["params"][name], value.detach(), rtol=0, atol=2e-5, msg=name)
+
+
 def _mismatched_seed_worker(rank):
     model = add_stochastic_depth(tiny_vit(convert=False), seed=rank)
     try:
@@ -330,7 +371,6 @@ FAMILIES = {
         num_classes=10, last_channel=32,
     ),
 }
-MICRO = 2  # micro-batches per optimizer step
 
 
 def _family(name, mode):
