@@ -216,6 +216,8 @@ def _check_batch_mode_run(results, config):
     plain = root_bytes + 2 * sum(branch_bytes)
     expected = (root_bytes + 2 * sum(p * b for p, b in zip(survival, branch_bytes))) / plain
     measured = sum(r["all_gathered"] for r in results[0]["steps"]) / len(results[0]["steps"]) / plain
+    # (0.869 measured against 0.820 expected: these 6 steps kept more branches than the average.
+    # The exact count per step above is what shows that nothing else is gathered.)
     assert measured <= expected + 0.05, (measured, expected)
     return reference
 
@@ -242,7 +244,7 @@ def test_fsdp2_bf16_parameters_gather_half_the_bytes_and_track_float32():
     results = spawn(_fsdp_worker, config)
     reference = _check_batch_mode_run(results, config)
     worst = max((results[0]["params"][n] - v.detach()).abs().max().item() for n, v in reference.items())
-    assert worst < 2e-2, worst  # bf16 forward and backward; float32 parameters, gradients reduced in float32
+    assert worst < 1e-2, worst  # (2.5e-3 measured) bf16 forward and backward; float32 parameters and reduction
 
 
 @pytest.mark.parametrize("mode", ["row_subset", "row"])
