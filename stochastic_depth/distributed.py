@@ -39,7 +39,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPoli
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_with_stochastic_depth import StochasticDepth, stochastic_depth_gates
+from stochastic_depth.gate import StochasticDepth, stochastic_depth_gates
 
 __all__ = [
     "CollectiveBytes",
