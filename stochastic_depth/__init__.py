@@ -9,6 +9,9 @@ Modules, each imported on its own:
     ``compile_branches``: regional ``torch.compile`` of the residual branches.
 ``counting``
     FLOP floors and operator counts of a training step.
+``distributed``
+    FSDP2 sharding in which a dropped branch is neither all-gathered nor
+    reduce-scattered (``fully_shard_stochastic_depth``), and DDP (``data_parallel``).
 ``evaluation_network``
     Evaluating a trained network with a subset of its blocks, and recomputing its
     BatchNorm statistics.

@@ -82,6 +82,7 @@ IMPORT_ORDER = (
     "stochastic_depth.gate",
     "stochastic_depth.schedules",
     "stochastic_depth.library_blocks",
+    "stochastic_depth.distributed",
     "resnet_with_stochastic_depth",
     "stochastic_depth.compilation",
     "stochastic_depth.counting",

@@ -1,0 +1,332 @@
+"""Sharded (FSDP2) and data-parallel (DDP) training of models with stochastic-depth gates.
+
+:func:`fully_shard_stochastic_depth` shards a model the way FSDP2 shards any model
+(``torch.distributed.fsdp.fully_shard`` on parts of it, then on the root), but cut so
+that in ``"batch"`` mode a dropped residual branch costs no communication: each
+branch's modules form an FSDP unit of their own, which FSDP2 all-gathers only when
+the branch is called (its forward pre-hook) and reduce-scatters only when it produced
+gradients. A branch the gate drops is not called, so its unit is neither all-gathered
+in the forward pass nor in the backward pass, and its gradients are not
+reduce-scattered. Processes skip the same units because they draw the same decisions
+(the same seed, :func:`resnet_with_stochastic_depth.set_step` before every step):
+nothing is communicated by the gates, and no collective is left unmatched.
+
+In the row modes every process runs every branch on its own samples (in ``"row"`` a
+process whose draw kept no sample does not call it), so a branch there stays in its
+block's unit, which is all-gathered whenever the block runs; for ``"row"`` that unit
+reduce-scatters zeros for parameters a process did not use, so that every process
+reduce-scatters the same tensors. The row modes save computation, not communication.
+
+:func:`data_parallel` wraps a model in ``DistributedDataParallel`` with the options the
+gates need (``find_unused_parameters=True``) and refuses ``static_graph=True``, under
+which DDP would assume the same parameters unused at every step.
+
+:func:`collective_bytes` counts the bytes FSDP2 all-gathers and reduce-scatters (for
+tests and ``benchmarks/bench_fsdp.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from stochastic_depth.gate import StochasticDepth, stochastic_depth_gates
+
+__all__ = [
+    "CollectiveBytes",
+    "branch_modules",
+    "collective_bytes",
+    "data_parallel",
+    "fully_shard_stochastic_depth",
+    "gated_blocks",
+]
+
+# Blocks with two gates: which children make up each gate's branch. A block with one gate
+# has as its branch every child that holds parameters except the gate and the shortcut.
+_TWO_BRANCH_CHILDREN: dict[str, dict[str, tuple[str, ...]]] = {
+    # timm vision_transformer.Block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))
+    "StochasticVisionTransformerBlock": {"drop_path1": ("norm1", "attn", "ls1"), "drop_path2": ("norm2", "mlp", "ls2")},
+    # torchvision Swin (V1 and V2): x + attn(norm1(x)), then x + mlp(norm2(x)) (V2: norms after)
+    "StochasticSwinTransformerBlock": {"stochastic_depth_attn": ("norm1", "attn"), "stochastic_depth_mlp": ("norm2", "mlp")},
+    "StochasticSwinTransformerBlockV2": {"stochastic_depth_attn": ("norm1", "attn"), "stochastic_depth_mlp": ("norm2", "mlp")},
+}
+# Children of single-gate blocks that are the shortcut, not the branch (ResNets: the
+# projection; timm's ConvNeXt: its shortcut).
+_SHORTCUT_CHILDREN = ("downsample", "shortcut")
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def gated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that hold stochastic-depth gates as children, in ``modules()`` order.
+
+    These are the residual blocks ``add_stochastic_depth`` converted (and the blocks of this
+    project's ResNets); each holds one gate per residual branch.
+    """
+    return [m for m in model.modules() if any(isinstance(c, StochasticDepth) for c in m.children())]
+
+
+def branch_modules(block: nn.Module) -> dict[str, list[nn.Module]]:
+    """Each gate of `block` and the child modules (those holding parameters) that its branch calls.
+
+    Parameters
+    ----------
+    block : torch.nn.Module
+        A gated residual block (see :func:`gated_blocks`).
+
+    Returns
+    -------
+    dict of str to list of torch.nn.Module
+        Gate attribute name -> the children its branch runs, in ``children()`` order. Parameters
+        of the block itself (torchvision ConvNeXt's ``layer_scale``, timm ConvNeXt's ``gamma``)
+        are in no child: they stay with the block.
+
+    Raises
+    ------
+    TypeError
+        For a block with several gates that this function does not know.
+    """
+    gates = [name for name, child in block.named_children() if isinstance(child, StochasticDepth)]
+    if len(gates) == 1:
+        children = [
+            child for name, child in block.named_children()
+            if name not in _SHORTCUT_CHILDREN and not isinstance(child, StochasticDepth) and _has_parameters(child)
+        ]
+        return {gates[0]: children}
+    table = next((_TWO_BRANCH_CHILDREN[c.__name__] for c in type(block).__mro__ if c.__name__ in _TWO_BRANCH_CHILDREN), None)
+    if table is None or set(table) != set(gates):
+        raise TypeError(
+            f"{type(block).__name__} has the gates {gates}: fully_shard_stochastic_depth knows which children make up "
+            f"each branch only for blocks with one gate and for {sorted(_TWO_BRANCH_CHILDREN)}"
+        )
+    return {gate: [getattr(block, name) for name in table[gate] if _has_parameters(getattr(block, name))] for gate in gates}
+
+
+def _check_gates_agree(gates: Sequence[StochasticDepth], group: dist.ProcessGroup | None) -> None:
+    """Raise unless every process's gates have the same seed, index, mode and survival probability.
+
+    Processes that drew different branches would wait for each other's all-gathers forever (a
+    hang, fairseq #3875), so a mismatch found here, once, is an error instead.
+    """
+    mine = [(g.seed, g.index, g.mode, g.survival_prob) for g in gates]
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            raise ValueError(
+                f"the stochastic-depth gates of process {rank} differ from this process's (seed, index, mode or "
+                "survival probability): processes must drop the same branches, or their all-gathers would not "
+                "match. Build the model with the same seed= on every process (add_stochastic_depth(model, seed=...), "
+                "StochasticResNet(..., seed=...))"
+            )
+
+
+def fully_shard_stochastic_depth(
+    model: nn.Module,
+    *,
+    mesh: Any = None,
+    reshard_after_forward: bool | int | None = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    offload_policy: OffloadPolicy | None = None,
+) -> FSDPModule:
+    """Shard `model` with FSDP2 so that a branch dropped in ``"batch"`` mode is not communicated.
+
+    Applies ``torch.distributed.fsdp.fully_shard`` bottom-up, in place:
+
+    1. for each gate in ``"batch"`` mode, the children its branch calls (:func:`branch_modules`)
+       as one FSDP unit (``fully_shard`` of the list): all-gathered when the branch is called,
+       reduce-scattered when it computed gradients, neither when the gate drops it;
+    2. each gated block, which then holds the rest of its parameters (shortcut projections,
+       layer scales kept on the block itself) and, for gates in a row mode, the branches;
+    3. the root, holding everything else (stem, embeddings, norms, head).
+
+    Use it like ``fully_shard``: build the model on every process with the same ``seed=``, shard
+    it, make the optimizer from ``model.parameters()`` afterwards, call
+    ``set_step(model, step)`` on every process before each step (with a step that names the
+    same batch everywhere) and ``optimizer.zero_grad(set_to_none=True)``. In ``"batch"`` mode a
+    dropped branch's parameters then keep ``grad=None`` and the optimizer skips them, as
+    without FSDP.
+
+    What not to do: ``set_modules_to_forward_prefetch`` / ``set_modules_to_backward_prefetch``
+    naming a branch's unit (a static list would all-gather the branch also when it is dropped;
+    FSDP2's own backward prefetching follows the order of the units that ran, and skips the
+    dropped ones); ``set_reduce_scatter_unused_params(True)`` on a branch's unit (it would
+    reduce-scatter zeros for a dropped branch).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with gates (``add_stochastic_depth``, ``StochasticResNet``), on its device, not
+        sharded yet. Activation checkpointing (``apply_activation_checkpointing``) may be
+        applied before.
+    mesh, reshard_after_forward, mp_policy, offload_policy
+        Passed to every ``fully_shard`` call; ``None`` leaves FSDP2's default (the default
+        process group's world; every unit but the root resharded after forward, so a kept
+        branch is all-gathered twice per step, in the forward and the backward pass).
+
+    Returns
+    -------
+    FSDPModule
+        `model` itself, now sharded (its class is FSDP2's subclass of the original one).
+
+    Raises
+    ------
+    TypeError
+        For a model without gates, one with a block of several gates whose branches are not
+        known (:func:`branch_modules`), or a module sharded already.
+    ValueError
+        When the processes' gates differ in seed, mode or rates (checked once, here, with one
+        ``all_gather_object``): they would not skip the same all-gathers.
+    """
+    gates = stochastic_depth_gates(model)
+    if not gates:
+        raise TypeError(f"{type(model).__name__} has no StochasticDepth gates: shard it with fully_shard")
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise TypeError("the model is sharded already (a module of it is an FSDPModule): pass the unsharded model")
+    # (over the mesh's processes; for a mesh of several dimensions, over the default group's)
+    group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None
+    _check_gates_agree(gates, group)
+
+    options: dict[str, Any] = {}
+    if reshard_after_forward is not None:
+        options["reshard_after_forward"] = reshard_after_forward
+    if mesh is not None:
+        options["mesh"] = mesh
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
+    if offload_policy is not None:
+        options["offload_policy"] = offload_policy
+
+    for block in gated_blocks(model):
+        branches = branch_modules(block)
+        gated_in_row_mode = False
+        for gate_name, children in branches.items():
+            if getattr(block, gate_name).mode != "batch":
+                gated_in_row_mode = gated_in_row_mode or getattr(block, gate_name).mode == "row"
+                continue
+            if children:
+                fully_shard(children, **options)
+        if any(True for _ in _unsharded_parameters(block)):
+            fully_shard(block, **options)
+            if gated_in_row_mode:
+                # A "row" gate that kept no sample on one process does not call its branch there:
+                # zeros stand in for its gradients, so that all processes reduce-scatter alike.
+                block.set_reduce_scatter_unused_params(True, recurse=False)
+    fully_shard(model, **options)
+    return model
+
+
+def _unsharded_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters of `module` that no FSDP unit inside it manages yet."""
+    # fully_shard replaces the parameters it manages by DTensors
+    return (p for p in module.parameters() if not isinstance(p, DTensor))
+
+
+def data_parallel(model: nn.Module, **ddp_options: Any) -> DistributedDataParallel:
+    """``DistributedDataParallel(model, find_unused_parameters=True, **ddp_options)``, for a model with gates.
+
+    A dropped branch produces no gradients, and which branches are dropped changes from step to
+    step (and, with gradient accumulation keyed by micro-batch, between the micro-batches of
+    one step): DDP must look for unused parameters in every backward pass. DDP still
+    all-reduces every bucket whole (a dropped branch's gradients as zeros): dropping saves
+    computation under DDP, not communication.
+
+    Raises
+    ------
+    ValueError
+        For ``static_graph=True`` while a gate can drop (survival probability below 1):
+        DDP would assume the parameters unused at its first step are unused at every step.
+        For ``find_unused_parameters=False`` likewise.
+    TypeError
+        For a model without gates.
+    """
+    gates = stochastic_depth_gates(model)
+    if not gates:
+        raise TypeError(f"{type(model).__name__} has no StochasticDepth gates: use DistributedDataParallel")
+    can_drop = any(g.survival_prob < 1.0 for g in gates)
+    if can_drop and ddp_options.get("static_graph", False):
+        raise ValueError(
+            "static_graph=True tells DDP that the same parameters are used at every step, but stochastic-depth "
+            "gates leave a different set of branches unused at each step: pass static_graph=False (the "
+            "default); data_parallel sets find_unused_parameters=True"
+        )
+    if can_drop and ddp_options.get("find_unused_parameters", True) is False:
+        raise ValueError(
+            "find_unused_parameters=False: a dropped branch's parameters get no gradient, and DDP would wait for "
+            "them; data_parallel sets find_unused_parameters=True"
+        )
+    ddp_options["find_unused_parameters"] = True
+    return DistributedDataParallel(model, **ddp_options)
+
+
+@dataclasses.dataclass
+class CollectiveBytes:
+    """Bytes that passed through FSDP2's collectives while :func:`collective_bytes` counted.
+
+    ``all_gathered``: the all-gathers' output bytes (the unsharded parameters, in the
+    all-gather dtype); ``reduce_scattered``: the reduce-scatters' input bytes (the unsharded
+    gradients, in the reduce dtype); ``all_reduced``: all-reduces' bytes. ``calls``: number
+    of calls of each, by the same names.
+    """
+
+    all_gathered: int = 0
+    reduce_scattered: int = 0
+    all_reduced: int = 0
+    calls: dict[str, int] = dataclasses.field(default_factory=lambda: {"all_gathered": 0, "reduce_scattered": 0, "all_reduced": 0})
+
+    def _add(self, kind: str, tensor: torch.Tensor) -> None:
+        setattr(self, kind, getattr(self, kind) + tensor.numel() * tensor.element_size())
+        self.calls[kind] += 1
+
+
+# torch.distributed's collectives as FSDP2 calls them (by attribute, at call time), and what each counts.
+_COUNTED = {
+    "all_gather_single": ("all_gathered", 0),          # (output_tensor, input_tensor, ...)
+    "all_gather_into_tensor": ("all_gathered", 0),
+    "reduce_scatter_single": ("reduce_scattered", 1),  # (output, input, ...)
+    "reduce_scatter_tensor": ("reduce_scattered", 1),
+    "all_reduce": ("all_reduced", 0),
+}
+
+
+@contextlib.contextmanager
+def collective_bytes() -> Iterator[CollectiveBytes]:
+    """Count the bytes of ``torch.distributed``'s all-gathers, reduce-scatters and all-reduces in this process.
+
+    Replaces the functions in ``torch.distributed`` (``all_gather_single`` /
+    ``all_gather_into_tensor``, ``reduce_scatter_single`` / ``reduce_scatter_tensor``,
+    ``all_reduce``), which FSDP2 looks up at each call, by wrappers that count and call them;
+    restores them on exit. Not thread-safe; for measurements.
+    """
+    counter = CollectiveBytes()
+    originals = {name: getattr(dist, name) for name in _COUNTED if hasattr(dist, name)}
+
+    def counting(name: str, original: Any) -> Any:
+        kind, position = _COUNTED[name]
+        keyword = {0: ("output_tensor", "tensor"), 1: ("input",)}[position]
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            tensor = args[position] if len(args) > position else next(kwargs[k] for k in (*keyword, "input_tensor", "output") if k in kwargs)
+            counter._add(kind, tensor)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name, original in originals.items():
+            setattr(dist, name, counting(name, original))
+        yield counter
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
