@@ -570,7 +570,8 @@ def add_stochastic_depth(
         if isinstance(child, block_types)
     ] + library_block_conversions(model)
     if not conversions:
-        raise TypeError(f"{type(model).__name__} has no residual blocks to add stochastic depth to")
+        hint = " (Hugging Face transformers models are not converted yet)" if type(model).__module__.startswith("transformers.") else ""
+        raise TypeError(f"{type(model).__name__} has no residual blocks to add stochastic depth to{hint}")
     position = {module: i for i, module in enumerate(model.modules())}
     conversions.sort(key=lambda c: position[c.parent._modules[c.name]])
     own_rates = all(c.drop_probs is not None for c in conversions)

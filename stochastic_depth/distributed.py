@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -116,8 +117,12 @@ def branch_modules(block: nn.Module) -> dict[str, list[nn.Module]]:
 def _check_gates_agree(gates: Sequence[StochasticDepth], group: dist.ProcessGroup | None) -> None:
     """Raise unless every process's gates have the same seed, index, mode and survival probability.
 
-    Processes that drew different branches would wait for each other's all-gathers forever (a
-    hang, fairseq #3875), so a mismatch found here, once, is an error instead.
+    Under FSDP2, processes that drew different branches call different all-gathers: gloo aborts
+    on the size mismatch, or, where the units happen to be of the same size, pairs the shards of
+    different blocks and trains on wrong weights without a word (fairseq's LayerDrop hangs under
+    FSDP instead, fairseq #3875). Under DDP they train different sub-networks, silently. So a
+    mismatch found here, once, before training, is an error. It cannot catch what happens later:
+    a ``set_step`` with another step on one process.
     """
     mine = [(g.seed, g.index, g.mode, g.survival_prob) for g in gates]
     everyone: list[Any] = [None] * dist.get_world_size(group)
@@ -197,6 +202,13 @@ def fully_shard_stochastic_depth(
     # (over the mesh's processes; for a mesh of several dimensions, over the default group's)
     group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None
     _check_gates_agree(gates, group)
+    if all(g.mode != "batch" for g in gates):
+        warnings.warn(
+            f"no gate of {type(model).__name__} is in batch mode (add_stochastic_depth's default for torchvision "
+            "and timm models is row_subset): every branch runs on some samples of every process, so every branch "
+            "is all-gathered and nothing is saved in communication. Convert with mode='batch' for that saving",
+            stacklevel=2,
+        )
 
     options: dict[str, Any] = {}
     if reshard_after_forward is not None:
@@ -248,12 +260,15 @@ def data_parallel(model: nn.Module, **ddp_options: Any) -> DistributedDataParall
         For ``static_graph=True`` while a gate can drop (survival probability below 1):
         DDP would assume the parameters unused at its first step are unused at every step.
         For ``find_unused_parameters=False`` likewise.
+        When the processes' gates differ in seed, mode or rates (checked once, here, with one
+        ``all_gather_object``): the processes would train different sub-networks.
     TypeError
         For a model without gates.
     """
     gates = stochastic_depth_gates(model)
     if not gates:
         raise TypeError(f"{type(model).__name__} has no StochasticDepth gates: use DistributedDataParallel")
+    _check_gates_agree(gates, ddp_options.get("process_group"))
     can_drop = any(g.survival_prob < 1.0 for g in gates)
     if can_drop and ddp_options.get("static_graph", False):
         raise ValueError(

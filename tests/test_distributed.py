@@ -6,6 +6,7 @@ process trained on both processes' images at once.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -328,18 +329,33 @@ def test_fsdp2_gradient_accumulation_with_a_sub_network_per_micro_batch_equals_o
         torch.testing.assert_close(results[0]["params"][name], value.detach(), rtol=0, atol=2e-5, msg=name)
 
 
-def _mismatched_seed_worker(rank):
+def _mismatched_seed_worker(rank, wrap):
     model = add_stochastic_depth(tiny_vit(convert=False), seed=rank)
     try:
-        fully_shard_stochastic_depth(model)
+        (fully_shard_stochastic_depth if wrap == "fsdp2" else data_parallel)(model)
     except ValueError as error:
         return str(error)
     return None
 
 
-def test_fsdp2_refuses_processes_whose_gates_differ():
-    messages = spawn(_mismatched_seed_worker)
+@pytest.mark.parametrize("wrap", ["fsdp2", "ddp"])
+def test_processes_whose_gates_differ_are_refused(wrap):
+    # Under DDP they would silently train different sub-networks (a new user's run: parameters
+    # equal, drops different); under FSDP2 abort in gloo or pair shards of different blocks.
+    messages = spawn(_mismatched_seed_worker, wrap)
     assert all(m is not None and "same seed=" in m for m in messages)
+
+
+def _row_subset_only_worker(rank):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fully_shard_stochastic_depth(add_stochastic_depth(tiny_vit(convert=False), seed=SEED))  # row_subset
+    return [str(w.message) for w in caught]
+
+
+def test_fsdp2_of_a_model_without_batch_mode_gates_warns_that_nothing_is_saved():
+    for messages in spawn(_row_subset_only_worker):
+        assert any("no gate of VisionTransformer is in batch mode" in m and "mode='batch'" in m for m in messages)
 
 
 def test_branch_modules_of_each_family():

@@ -390,6 +390,13 @@ def test_hugging_face_models_are_refused_naming_their_drop_paths(family):
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
+def test_a_hugging_face_model_without_drop_paths_is_refused_saying_hugging_face_is_not_converted():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 2], drop_path_rate=0.0)
+    with pytest.raises(TypeError, match="no residual blocks.*Hugging Face transformers models are not converted yet"):
+        add_stochastic_depth(transformers.ConvNextForImageClassification(config))
+
+
 def test_timm_drop_path_without_scale_by_keep_is_refused():
     vit = build("timm ViT")
     vit.blocks[2].drop_path1 = DropPath(0.2, scale_by_keep=False)
