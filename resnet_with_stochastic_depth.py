@@ -41,7 +41,6 @@ section "The gate" of ``stochastic_depth/gate.py``.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -60,7 +59,10 @@ from stochastic_depth.gate import (
     StochasticDepthState,
     SurvivalRule,
     _check_mode,
+    _eager_frame,
+    _not_a_frame,
     _seed_or_random,
+    compiled_region,
     draw_decision,
     gate_in_layout,
     key_seed,
@@ -149,9 +151,9 @@ class AvgPoolZeroPad(nn.Module):
 class _ResidualBlock(nn.Module):
     """``relu(shortcut(x) + branch(x))``, with an optional stochastic-depth gate."""
 
-    # Set by stochastic_depth.compilation.compile_branches: the compiled `branch` of the block's
-    # kind, called with the block. It pickles and copies as what it needs to compile again.
-    compiled_branch = None
+    # Set by stochastic_depth.compilation.compile_branches on a block without a gate (a plain
+    # ResNet's): the torch.compile options of its branch. A gate holds its own.
+    compile_options: dict | None = None
 
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -164,15 +166,33 @@ class _ResidualBlock(nn.Module):
             "with torch.export.export(model.eval(), (images,)) instead, or torch.compile it."
         )
 
+    @_not_a_frame
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        branch = self.branch if self.compiled_branch is None else functools.partial(self.compiled_branch, self)
-        if self.stochastic_depth is None:
-            out = shortcut + branch(x)
+        gate = self.stochastic_depth
+        if gate is not None and gate.training and not isinstance(x, torch.fx.Proxy) \
+                and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            return self._train_forward(x, gate)
+        options = None if torch.compiler.is_compiling() else self.compile_options if gate is None else gate.compile_options
+        if self.downsample is None:
+            shortcut = x
         else:
-            out = gate_in_layout(self.stochastic_depth, branch, x, shortcut)
+            shortcut = self.downsample(x) if options is None else compiled_region(self.downsample, x, options=options)
+        if gate is not None:
+            out = gate_in_layout(gate, self.branch, x, shortcut)
+        elif options is not None:
+            out = shortcut + compiled_region(self.branch, x, options=options)
+        else:
+            out = shortcut + self.branch(x)
         # A dropped block with an identity shortcut hands back x itself, which autograd
         # still needs: that one must not be overwritten by the in-place ReLU.
+        return torch.relu(out) if out is x else self.relu(out)
+
+    @_eager_frame
+    def _train_forward(self, x: Tensor, gate: StochasticDepth) -> Tensor:
+        # Eager also under torch.compile, as the gate's training pass is: the downsampling
+        # shortcut and the branch are compiled regions shared by the blocks of their kind.
+        shortcut = x if self.downsample is None else compiled_region(self.downsample, x, options=gate.compile_options)
+        out = gate._train(self.branch, x, shortcut, True)
         return torch.relu(out) if out is x else self.relu(out)
 
 
@@ -389,11 +409,19 @@ class ResNet(nn.Module):
                 f"expected a 4-D input of shape (batch, {self.in_channels}, height, width), "
                 f"got shape {tuple(x.shape)}"
             )
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self._stem(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
+        return self._head(x)
+
+    # The stem and the head are functions of their own: under torch.compile in training, where
+    # each gate is a graph break inside the loop above, dynamo runs this frame eagerly (it cannot
+    # resume inside a loop) and compiles these two as frames of their own.
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class StochasticResNet(ResNet):

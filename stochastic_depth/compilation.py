@@ -2,39 +2,42 @@
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from resnet_with_stochastic_depth import _ResidualBlock
+from resnet_with_stochastic_depth import _ResidualBlock, stochastic_depth_gates
+from stochastic_depth.gate import CompileOptions
 
-__all__ = ["compile_branch", "compile_branches"]
+__all__ = ["compile_branches"]
 
 
 def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
     """Regional compilation: ``torch.compile`` each residual branch, leaving the gates eager.
 
-    Compiling the whole model makes every gate a graph break and gives dynamo one frame
-    per block, which reaches its recompile limit in a deep network and runs the rest
-    eagerly. Here only the branches (convolutions, BatchNorms, ReLUs) are compiled, and
-    blocks whose branches have the same layers (same class, channels and stride) share
-    one compiled function, also across models (a ``ResNet`` and its stochastic twin): a
-    ResNet-110 compiles 5 branches, a ResNet-152 8, each with its own dynamo cache, so no
-    recompile limit is reached (dynamo's limit counts the variants of one function, and
-    parameter shapes are always specialised). The decisions, the gathering of kept
-    samples and the shortcut addition run eagerly in between; dropped blocks are still
-    skipped. The model can still be pickled whole (``torch.save(model, f)``) and
-    deep-copied (an EMA copy): a compiled branch travels as what it was compiled from and
-    is compiled again (or found in this process's cache) when it is loaded or copied.
+    Every gate of `model` (and every block of this project's ResNets without one: a plain
+    ``ResNet``'s) runs its branch, and a ResNet block its downsampling shortcut, as a region
+    compiled with `options` (``stochastic_depth.gate.compiled_region``). Branches of one
+    kind (the same code, modules of the same class and parameter shapes: one branch of the
+    blocks of one stage) share one compiled function, also across models (a ``ResNet`` and
+    its stochastic twin, an EMA copy): a ResNet-110 compiles 5 branches, a ResNet-152 8 and
+    4 shortcuts, a ViT 2, each with its own dynamo cache, so no recompile limit is reached.
+    In the row modes the kept samples are a new batch size at every gate and step, and the
+    regions are compiled for any batch size. The decisions, the gathering of kept samples
+    and the shortcut addition run eagerly in between; dropped branches are still skipped.
+
+    It works on every converted family (torchvision's ResNet, ConvNeXt, Swin and
+    EfficientNet, timm's ViT, ConvNeXt and ResNet) and on this project's ResNets. The
+    model pickles and deep-copies as before: the gates hold the options only, and a copy
+    finds the compiled regions in this process's cache or compiles them again.
+    ``torch.compile(model)`` of the whole model works too (the same regions, compiled with
+    the model's options); ``compile_branches`` leaves the stem, the head and the
+    downsampling layers between stages eager.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A network with this module's residual blocks (a ``ResNet``, a ``StochasticResNet``
-        or a model given ``add_stochastic_depth``), changed in place.
+        A network with stochastic-depth gates, or a ``ResNet`` of this project; changed in place.
     **options
         Passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
 
@@ -46,56 +49,16 @@ def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
     Raises
     ------
     TypeError
-        For a model without this module's residual blocks.
+        For a model with neither gates nor this project's residual blocks.
     """
-    blocks = [m for m in model.modules() if isinstance(m, _ResidualBlock)]
-    if not blocks:
-        raise TypeError(f"{type(model).__name__} has no residual blocks of this module to compile")
-    for block in blocks:
-        compile_branch(block, options)
+    gates = stochastic_depth_gates(model)
+    plain_blocks = [m for m in model.modules() if isinstance(m, _ResidualBlock) and m.stochastic_depth is None]
+    if not gates and not plain_blocks:
+        raise TypeError(
+            f"{type(model).__name__} has no stochastic-depth gates and no residual blocks of this project to "
+            "compile: convert it with add_stochastic_depth first, or torch.compile it as it is"
+        )
+    shared = CompileOptions(options)  # (one object: copies of the model share it, see there)
+    for holder in (*gates, *plain_blocks):
+        holder.compile_options = shared
     return model
-
-
-def compile_branch(block: _ResidualBlock, options: Mapping[str, Any]) -> None:
-    """Give `block` the compiled branch shared by every block of its layers and these options."""
-    layers = tuple(repr(m) for name, m in block.named_children() if name not in ("downsample", "stochastic_depth"))
-    block.compiled_branch = _shared_branch(type(block), layers, dict(options))
-
-
-class CompiledBranch:
-    """``torch.compile`` of a block class's ``branch``, called as ``compiled(block, x)``.
-
-    A compiled function holds dynamo's process-local caches and cannot be pickled or
-    copied; this object pickles (and deep-copies) as the block class, layers and options it
-    was compiled from, and is rebuilt from the process's cache when loaded.
-    """
-
-    def __init__(self, kind: type[_ResidualBlock], layers: tuple[str, ...], options: dict[str, Any]) -> None:
-        self.kind, self.layers, self.options = kind, layers, options
-        self.function = torch.compile(_branch_function(kind, len(_COMPILED_BRANCHES)), **options)
-
-    def __call__(self, block: _ResidualBlock, x: Tensor) -> Tensor:
-        return self.function(block, x)
-
-    def __reduce__(self) -> tuple[Callable[..., CompiledBranch], tuple[Any, ...]]:
-        return _shared_branch, (self.kind, self.layers, self.options)
-
-
-def _shared_branch(kind: type[_ResidualBlock], layers: tuple[str, ...], options: dict[str, Any]) -> CompiledBranch:
-    """The process's one compiled branch for blocks of `kind` with these `layers` and `options`."""
-    key = (kind.__module__, kind.__qualname__, *layers, repr(sorted(options.items())))
-    if key not in _COMPILED_BRANCHES:
-        _COMPILED_BRANCHES[key] = CompiledBranch(kind, layers, options)
-    return _COMPILED_BRANCHES[key]
-
-
-# Compiled branches by block class, layers and options: models of the same shapes (a ResNet
-# and its stochastic twin, a deepcopy) share them, and each is compiled once per process.
-_COMPILED_BRANCHES: dict[tuple[str, ...], CompiledBranch] = {}
-
-
-def _branch_function(kind: type[_ResidualBlock], index: int) -> Callable[[_ResidualBlock, Tensor], Tensor]:
-    """``kind.branch`` as a new function with its own code object, hence its own dynamo cache."""
-    function = kind.branch
-    code = function.__code__.replace(co_name=f"{function.__name__}_{index}")
-    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)

@@ -21,23 +21,29 @@ converts torchvision's and timm's blocks to it.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import math
 import operator
 import struct
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import skip_code
 
 __all__ = [
     "DROP_MODES",
     "Decision",
     "StochasticDepth",
+    "CompileOptions",
     "StochasticDepthState",
+    "compiled_region",
     "draw_decision",
     "gate_in_layout",
     "key_seed",
@@ -168,6 +174,146 @@ def _warmed_up(survival_prob: float, drop_scale: float) -> float:
     return 1.0 - drop_scale * (1.0 - survival_prob)
 
 
+# ----------------------------------------------------------------------------------
+# torch.compile around the gates
+#
+# A gate draws on the host, from counters that change at every pass: no graph can hold that.
+# So a gate's training pass runs eagerly (a graph break where it is called) and hands its branch
+# to `compiled_region`, which runs it as a frame of its own, one per kind of branch. Under
+# `torch.compile(model)` dynamo compiles that frame with the user's backend and options; with
+# `compile_branches` (regional compilation) the gate holds the options and compiles it itself.
+# Nothing of a gate (its probability, index, step or passes) reaches a traced frame, so nothing
+# of it is guarded on: the blocks of one kind share one compiled variant, whatever the depth.
+# ----------------------------------------------------------------------------------
+
+
+def _eager_frame(function: Callable) -> Callable:
+    """`function`, whose own frame torch.compile runs eagerly (a graph break where a traced
+    caller calls it), compiling the frames it calls (``torch.compiler.disable(recursive=False)``)."""
+    return torch.compiler.disable(function, recursive=False, reason=_GRAPH_BREAK_REASON)
+
+
+_GRAPH_BREAK_REASON = (
+    "a stochastic-depth gate draws which residual branches run on the host, at every training pass: "
+    "torch.compile runs the gate's training pass eagerly (this graph break) and compiles each kind of "
+    "branch as a region of its own. Compile the model without fullgraph=True (torch.compile(model)), or "
+    "use stochastic_depth.compilation.compile_branches(model); in eval mode the model is one graph "
+    "(fullgraph=True works there)"
+)
+
+
+def _not_a_frame(function: Callable) -> Callable:
+    """`function`, which torch.compile never compiles as a frame of its own (called from eager
+    code it runs eagerly) but still inlines where it traces a caller: for the dispatchers and
+    helpers of the eager training pass, which would otherwise be compiled, and recompiled, for
+    every shape of their arguments. (What ``torch._dynamo.skip`` does, without its graph break.)"""
+    skip_code(function.__code__)
+    return function
+
+
+def _region(function: Callable[..., Tensor], *args: Any) -> Tensor:
+    return function(*args)
+
+
+# One copy of _region, with a code object of its own, per kind of branch (and compile options):
+# dynamo keeps compiled variants, and counts its recompile limit, per code object.
+_REGIONS: dict[Any, Callable[..., Tensor]] = {}
+# Each module's kind, computed once (a module's layers do not change shape).
+_MODULE_KINDS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+@_not_a_frame
+def _module_kind(module: nn.Module) -> tuple:
+    """A module's class and settings (``extra_repr``) and the names, shapes and dtypes of its tensors."""
+    kind = _MODULE_KINDS.get(module)
+    if kind is None:
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in tensors)
+        kind = _MODULE_KINDS[module] = (type(module), module.extra_repr(), shapes)
+    return kind
+
+
+@_not_a_frame
+def _callable_kind(function: Any) -> Any:
+    """What tells one kind of branch from another: its code, and the kind of the modules it runs."""
+    if isinstance(function, types.MethodType):
+        owner = function.__self__
+        return function.__func__.__code__, _module_kind(owner) if isinstance(owner, nn.Module) else type(owner)
+    if isinstance(function, nn.Module):
+        return _module_kind(function)
+    if isinstance(function, functools.partial):
+        return (_callable_kind(function.func), *(_callable_kind(a) for a in function.args if callable(a)))
+    if isinstance(function, types.FunctionType):  # a closure: the kinds of the callables it holds
+        cells = []
+        for cell in function.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, (types.MethodType, types.FunctionType, nn.Module, functools.partial)):
+                cells.append(_callable_kind(value))
+        return (function.__code__, *cells)
+    return type(function)
+
+
+@_eager_frame
+def compiled_region(function: Callable[..., Tensor], *args: Any, options: Mapping[str, Any] | None = None) -> Tensor:
+    """``function(*args)`` as a compiled region shared by every branch of its kind.
+
+    The gates call their branches (and the ResNet blocks their downsampling shortcuts)
+    through it. Callables of one kind (the same code, and modules of the same class and
+    parameter shapes: one branch of the blocks of one stage) go through one copy of a
+    two-line function with a code object of its own:
+
+    - under ``torch.compile(model)``, which runs the gates eagerly, dynamo compiles that copy
+      as a frame of its own with the model's backend and options: once per kind of branch,
+      however deep the network, and its recompile limit (per code object) counts the variants
+      of one kind only;
+    - with `options` (``compile_branches``), it is ``torch.compile(copy, **options)``, compiled
+      once per process and kind;
+    - otherwise it is a plain call.
+
+    Parameters
+    ----------
+    function : callable
+        The branch: a bound method of a block, a module, or a closure over either.
+    *args
+        Its arguments.
+    options : mapping, optional
+        ``torch.compile`` options, to compile the region without compiling the model.
+    """
+    key = _callable_kind(function)
+    if options is not None:
+        key = (key, repr(sorted(options.items())))
+    region = _REGIONS.get(key)
+    if region is None:
+        code = _region.__code__.replace(co_name=f"stochastic_depth_region_{len(_REGIONS)}")
+        region = types.FunctionType(code, _region.__globals__, code.co_name)
+        _REGIONS[key] = region = region if options is None else torch.compile(region, **options)
+    return region(function, *args)
+
+
+class CompileOptions(dict):
+    """The ``torch.compile`` options a gate compiles its branch with (``compile_branches``).
+
+    A deep copy of a model (an EMA copy) shares them, and so the compiled regions, instead of
+    copying a backend object into a new one (which would compile everything again).
+    """
+
+    def __deepcopy__(self, memo: dict) -> CompileOptions:
+        return self
+
+
+@_not_a_frame
+def _in_layout_of(out: Tensor, residual: Tensor) -> Tensor:
+    """`out`, channels_last when `residual` is and `out` is not: an NCHW input whose branch returns
+    channels_last (ConvNeXt's first block after a downsampling layer), as ``branch + shortcut`` is."""
+    if _channels_last(residual) and not _channels_last(out):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@_not_a_frame
 def _indices_to(indices: Tensor, device: torch.device) -> Tensor:
     """`indices` (on the CPU) on `device`, without making the host wait for a GPU."""
     if indices.device == device:
@@ -317,10 +463,17 @@ class StochasticDepth(nn.Module):
         The step set by :func:`set_step`, None before.
     passes : int
         Training passes since the step was set (since construction without one).
+    compile_options : dict or None
+        ``torch.compile`` options for the branch, set by
+        ``stochastic_depth.compilation.compile_branches``; None runs it as it is.
     last_active : Tensor or None
         What the last forward pass computed: a bool scalar (``"batch"``) or one
         bool per sample (row modes); all True in evaluation, except for ``p = 0``.
     """
+
+    # ``torch.compile`` options of the branch (``compile_branches``: regional compilation),
+    # or None: the branch runs as it is, compiled only where the whole model is.
+    compile_options: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -355,6 +508,7 @@ class StochasticDepth(nn.Module):
         # The keys of the latest passes by their tags (see _pass_tag), for recomputations.
         self._recent: collections.OrderedDict[int, tuple[int, tuple[int, ...] | None]] = collections.OrderedDict()
 
+    @_not_a_frame
     def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
         if not self.training:
             # The survival probability in force (p_l, or more while drop_scale < 1): after a
@@ -364,6 +518,8 @@ class StochasticDepth(nn.Module):
                 self.last_active = torch.tensor(p > 0.0)
             if p == 0.0:  # never trained with this branch: leave it out at test time too
                 return shortcut
+            if self.compile_options is not None and not torch.compiler.is_compiling():
+                return shortcut.add(compiled_region(branch, x, options=self.compile_options), alpha=1.0 if self.inverted else p)
             return shortcut.add(branch(x), alpha=1.0 if self.inverted else p)
         if isinstance(x, torch.fx.Proxy):
             return _stochastic_depth_cannot_train_traced(shortcut)
@@ -374,13 +530,25 @@ class StochasticDepth(nn.Module):
                 "or export it in eval mode (model.eval()), where every block runs; train the original model."
             )
 
+        return self._train(branch, x, shortcut, False)
+
+    @_eager_frame
+    def _train(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor, in_layout: bool) -> Tensor:
+        """A training pass: decide, then run the branch on what is kept (`in_layout`: see gate_in_layout).
+
+        Eager also under torch.compile (a graph break where the gate is called): the branch
+        runs as a compiled region of its kind (:func:`compiled_region`).
+        """
         decision = self._decide(x)
         if torch._C._current_graph_task_id() == -1:  # (a recomputation does not change what the last pass was)
             self.last_active = decision.active
+        options = self.compile_options
         if self.mode == "batch":
             if not decision.active:
                 return shortcut
-            return shortcut.add(branch(x), alpha=self._train_scale(decision.survival_prob, decision.survival_prob))
+            residual = compiled_region(branch, x, options=options)
+            out = shortcut.add(residual, alpha=self._train_scale(decision.survival_prob, decision.survival_prob))
+            return _in_layout_of(out, residual) if in_layout else out
 
         kept = decision.kept
         if len(kept) == 0:
@@ -389,15 +557,28 @@ class StochasticDepth(nn.Module):
         inclusion = decision.survival_prob if self.mode == "row" else len(kept) / x.shape[0]
         scale = self._train_scale(decision.survival_prob, inclusion)
         if len(kept) == x.shape[0]:
-            return shortcut.add(branch(x), alpha=scale)
+            residual = compiled_region(branch, x, options=options)
+            out = shortcut.add(residual, alpha=scale)
+            return _in_layout_of(out, residual) if in_layout else out
         kept = _indices_to(kept, x.device)
+        # A channels_last input is gathered and scattered as (N, H, W, C) views, in which it is
+        # plainly contiguous (see gate_in_layout); the branch still sees (N, C, H, W).
+        nhwc = in_layout and _channels_last(x)
+        rows, shortcut_rows = (x.permute(0, 2, 3, 1), shortcut.permute(0, 2, 3, 1)) if nhwc else (x, shortcut)
         if len(kept) > 1:
-            residual = branch(x.index_select(0, kept))
+            inputs = rows.index_select(0, kept)
+            # A new batch size at every gate and step: compile the region for any.
+            torch._dynamo.maybe_mark_dynamic(inputs, 0)
+            residual = compiled_region(branch, inputs.permute(0, 3, 1, 2) if nhwc else inputs, options=options)
         else:
             # BatchNorm cannot normalise one sample on 1x1 feature maps: for this rare
             # case the branch runs on the whole batch and we keep the one row.
-            residual = branch(x).index_select(0, kept)
-        return shortcut.index_add(0, kept, residual.to(shortcut.dtype), alpha=scale)
+            residual = compiled_region(branch, x, options=options).index_select(0, kept)
+        residual_rows = residual.permute(0, 2, 3, 1) if nhwc else residual
+        out = shortcut_rows.index_add(0, kept, residual_rows.to(shortcut.dtype), alpha=scale)
+        if nhwc:
+            return out.permute(0, 3, 1, 2)
+        return _in_layout_of(out, residual) if in_layout else out
 
     @torch.compiler.disable  # host-side bookkeeping and draws: eager, also under torch.compile
     def _decide(self, x: Tensor) -> Decision:
@@ -421,7 +602,7 @@ class StochasticDepth(nn.Module):
                 pass_index = -1  # every pass of a step drops the same blocks, on every process
             if not (step is not None and self.seed_given) and dist.is_available() and dist.is_initialized() \
                     and dist.get_world_size() > 1:
-                warnings.warn(_UNSTEPPED_DDP_WARNING, stacklevel=4)
+                warnings.warn(_UNSTEPPED_DDP_WARNING, stacklevel=6)
             key = (self.seed, self.index, pass_index)
         else:
             key = (self.seed, self.index, pass_index, _process_rank())
@@ -429,6 +610,7 @@ class StochasticDepth(nn.Module):
         p = _warmed_up(self.survival_prob, self._drop_scale)
         return draw_decision(self.mode, p, x.shape[0], key_seed(len(step), *key, *step))
 
+    @_not_a_frame
     def _train_scale(self, survival_prob: float, inclusion: float) -> float:
         """The factor of a kept residual while training, so that its expectation is ``p * residual``.
 
@@ -442,11 +624,13 @@ class StochasticDepth(nn.Module):
         return f"survival_prob={self.survival_prob:.4f}, mode={self.mode}, inverted={self.inverted}"
 
 
+@_not_a_frame
 def _channels_last(t: Tensor) -> bool:
     """Whether `t` is laid out channels_last, not (also) plainly contiguous: (N, C, H, W) with C fastest."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+@_not_a_frame
 def gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
     """``gate(branch, x, shortcut)`` for a convolutional block, in the memory layout of its input and branch.
 
@@ -465,6 +649,8 @@ def gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x:
     """
     if isinstance(x, torch.fx.Proxy):  # traced (eval mode): layouts are not known
         return gate(branch, x, shortcut)
+    if gate.training and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+        return gate._train(branch, x, shortcut, True)
     if _channels_last(x):
 
         def run_nhwc(t: Tensor) -> Tensor:

@@ -68,10 +68,12 @@ keeps it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import convnext as tv_convnext
 from torchvision.models import efficientnet as tv_efficientnet
@@ -86,7 +88,7 @@ try:  # timm is optional: without it, torchvision's blocks are still converted
 except ImportError:
     timm_convnext = timm_resnet = timm_vit = DropPath = None
 
-from stochastic_depth.gate import StochasticDepth
+from stochastic_depth.gate import StochasticDepth, _eager_frame, _not_a_frame, compiled_region
 from stochastic_depth.gate import gate_in_layout as _gate_in_layout
 
 __all__ = [
@@ -135,8 +137,42 @@ class BlockConversion(NamedTuple):
 # ----------------------------------------------------------------------------------
 
 
+def _eager_in_training(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A converted block's `forward`, which torch.compile runs eagerly in a training pass.
+
+    The gates draw on the host and run their branches as compiled regions
+    (``stochastic_depth.gate.compiled_region``); were the block's own frame compiled, it
+    would be compiled again for every shape of block. In eval mode it is traced as it is.
+    """
+    eager = _eager_frame(forward)
+
+    @_not_a_frame
+    @functools.wraps(forward)
+    def dispatch(self: nn.Module, *args, **kwargs) -> Tensor:
+        if self.training and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            return eager(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    return dispatch
+
+
+@_not_a_frame
+def _shortcut(module: nn.Module, x: Tensor, gate: StochasticDepth) -> Tensor:
+    """`module(x)` for a block's shortcut: in a training pass a compiled region, as the branches are."""
+    if isinstance(module, nn.Identity):
+        return x
+    if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy) or not (gate.training or gate.compile_options):
+        return module(x)
+    return compiled_region(module, x, options=gate.compile_options)
+
+
 class _Converted:
     """What the converted classes share: the library class, its drop-path attributes, our gates."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = _eager_in_training(cls.__dict__["forward"])
 
     LIBRARY_CLASS: ClassVar[type[nn.Module]]
     # The library block's drop-path attribute(s), and the gate that takes each branch's place.
@@ -213,6 +249,7 @@ class StochasticFusedMBConv(_Converted, tv_efficientnet.FusedMBConv):
         return _gate_in_layout(self.stochastic_depth, self.block, input, input)
 
 
+@_not_a_frame
 def _activate(act: nn.Module, x: Tensor, out: Tensor) -> Tensor:
     # A branch dropped for the whole batch hands back the shortcut itself; when that is x
     # (an identity shortcut), the previous layer's output that autograd may still need,
@@ -286,7 +323,7 @@ if timm_vit is not None:
             return x
 
         def forward(self, x: Tensor) -> Tensor:
-            return _gate_in_layout(self.drop_path, self.branch, x, self.shortcut(x))
+            return _gate_in_layout(self.drop_path, self.branch, x, _shortcut(self.shortcut, x, self.drop_path))
 
 
     class _StochasticTimmResNetBlock(_Converted):
@@ -297,7 +334,7 @@ if timm_vit is not None:
         drop_path: StochasticDepth
 
         def forward(self, x: Tensor) -> Tensor:
-            shortcut = x if self.downsample is None else self.downsample(x)
+            shortcut = x if self.downsample is None else _shortcut(self.downsample, x, self.drop_path)
             out = _gate_in_layout(self.drop_path, self.branch, x, shortcut)
             return _activate(getattr(self, self.FINAL_ACTIVATION), x, out)
 
