@@ -294,8 +294,9 @@ def test_a_compiled_branches_model_pickles_whole_and_deep_copies():
     torch.save(model, buffer)
     buffer.seek(0)
     for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
-        # Compiled again, with the same seed and pass counts: the same steps as an eager twin.
-        assert all(block.compiled_branch is not None for block in twin.blocks)
+        # Compiled with the same options (found in this process's regions), with the same seed and
+        # pass counts: the same steps as an eager twin.
+        assert all(gate.compile_options == {"backend": "eager"} for gate in stochastic_depth_gates(twin))
         eager = StochasticResNet.cifar(14, mode="row_subset", seed=2)
         eager.load_state_dict(model.state_dict())
         for _ in range(2):
