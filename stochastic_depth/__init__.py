@@ -6,7 +6,7 @@ Modules, each imported on its own:
     Converts torchvision's ConvNeXt, Swin and EfficientNet blocks and timm's ViT,
     ConvNeXt and ResNet blocks; ``add_stochastic_depth`` calls it.
 ``compilation``
-    ``compile_branches``: regional ``torch.compile`` of the residual branches.
+    ``compile_branches``: regional ``torch.compile`` of the residual branches, any family.
 ``counting``
     FLOP floors and operator counts of a training step.
 ``distributed``
