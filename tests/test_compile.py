@@ -35,6 +35,7 @@ ALL_FAMILIES = {
 def fresh_dynamo():
     """Each test starts with no compiled code, and fails where dynamo would silently run eagerly."""
     torch._dynamo.reset()
+    _REGIONS.clear()
     counters.clear()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield
@@ -100,12 +101,11 @@ def test_compile_branches_trains_like_eager_for_every_family(family, mode):
 def test_compile_branches_compiles_each_kind_of_branch_once_and_shares_it():
     # A 4-block ViT has two kinds of branch (attention, MLP), whatever its depth; a deep copy (an
     # EMA model) and a pickled copy run the same two compiled regions.
-    before = set(_REGIONS)
     model = compile_branches(converted("timm ViT", "row_subset"), backend="eager")
     for m in (model, copy.deepcopy(model), torch.load(io.BytesIO(_saved(model)), weights_only=False)):
         F.cross_entropy(m(images()), labels()).backward()
         assert all(gate.compile_options == {"backend": "eager"} for gate in stochastic_depth_gates(m))
-    regions = [region for key, region in _REGIONS.items() if key not in before]
+    regions = list(_REGIONS.values())  # (the fixture emptied it)
     assert len(regions) == 2
     # One variant each: the kept samples are a new batch size at every gate, compiled for any.
     assert [len(_cache_entries(region._torchdynamo_orig_callable)) for region in regions] == [1, 1]
