@@ -53,6 +53,7 @@ from torchvision.models import resnet as tv_resnet
 
 from stochastic_depth.gate import (
     DROP_MODES,
+    CompileOptions,
     Decision,
     DropMode,
     StochasticDepth,
@@ -79,6 +80,7 @@ __all__ = [
     "AvgPoolZeroPad",
     "BasicBlock",
     "Bottleneck",
+    "CompileOptions",
     "Decision",
     "ResNet",
     "StochasticDepth",
@@ -169,10 +171,10 @@ class _ResidualBlock(nn.Module):
     @_not_a_frame
     def forward(self, x: Tensor) -> Tensor:
         gate = self.stochastic_depth
-        if gate is not None and gate.training and not isinstance(x, torch.fx.Proxy) \
+        if isinstance(gate, StochasticDepth) and gate.training and not isinstance(x, torch.fx.Proxy) \
                 and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
             return self._train_forward(x, gate)
-        options = None if torch.compiler.is_compiling() else self.compile_options if gate is None else gate.compile_options
+        options = None if torch.compiler.is_compiling() else getattr(gate, "compile_options", self.compile_options)
         if self.downsample is None:
             shortcut = x
         else:

@@ -649,7 +649,7 @@ def gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x:
     """
     if isinstance(x, torch.fx.Proxy):  # traced (eval mode): layouts are not known
         return gate(branch, x, shortcut)
-    if gate.training and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+    if isinstance(gate, StochasticDepth) and gate.training and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
         return gate._train(branch, x, shortcut, True)
     if _channels_last(x):
 
