@@ -62,13 +62,16 @@ def images(step, rank, n=BATCH, size=32, channels=3):
 def spawn(worker, *args):
     """Run `worker(rank, *args)` on two gloo processes; return [result of rank 0, of rank 1].
 
-    The processes are forked (nothing here has touched a GPU), which spares each the seconds of
-    importing torch, torchvision and timm again.
+    The processes are forked from a fork server that imported this module once, which spares
+    each the seconds of importing torch, torchvision and timm again. Not forked from pytest's
+    own process: after a test there has run autograd (or torch.compile) threads, a fork fails
+    ("Unable to handle autograd's threading in combination with fork-based multiprocessing").
     """
     import tempfile
 
+    mp.set_forkserver_preload([__name__])
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_process, args=(tmp, worker, args), nprocs=WORLD, start_method="fork")
+        mp.start_processes(_process, args=(tmp, worker, args), nprocs=WORLD, start_method="forkserver")
         return [torch.load(f"{tmp}/{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
