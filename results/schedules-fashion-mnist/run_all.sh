@@ -6,7 +6,8 @@
 # and see the same batches. Every run: 48 epochs of 43 steps (2,064 optimizer steps of 128 images), lr 0.1 reached by
 # a linear warm-up from 0.01 over the first 200 steps, divided by 10 after 50% and 75% of the steps; validation and
 # test error every 12 epochs (at the end of each lr phase
-# but the first, and at the end).
+# but the first, and at the end). After each run, `regime_study.py evaluate` evaluates the finished runs again from
+# their checkpoints (evaluation.json; depth_curve.json for ResNet-56); `regime_study.py schedules` makes the map.
 # One run at a time, one thread (the machine is shared); the ResNet-20 cell first, then ResNet-56; seed by seed, so
 # that whole paired seeds land first.
 # Resumable: run it again; a finished run (metrics.json with all 48 epochs) is skipped, a cut one resumed from its
@@ -49,6 +50,11 @@ for depth in $DEPTHS; do
     "$PYTHON" "$CODE/train.py" $RECIPE --depth "$depth" $armopt --seed "$seed" --output-dir "$dir" $resume
     rc=$?
     echo "$(date -u +%FT%TZ) end $dir rc=$rc wall $(( $(date +%s) - start )) s"
+    # Evaluate every finished run that has no evaluation.json yet from its checkpoint (regime_study.evaluate_run:
+    # the evaluation network's training error, BatchNorm re-estimated; the depth curve for ResNet-56).
+    start=$(date +%s)
+    "$PYTHON" "$CODE/regime_study.py" evaluate --root "$OUT" --curve-depth 56 --curve-size 5504 --curve-seeds $SEEDS
+    echo "$(date -u +%FT%TZ) evaluated rc=$? wall $(( $(date +%s) - start )) s"
   done
 done
 echo "$(date -u +%FT%TZ) all asked runs done"
