@@ -313,6 +313,28 @@ def schedule_map(root: str | Path, control: str = "plain") -> list[dict[str, Any
     return rows
 
 
+# The schedule map's design: its cells and the runs each needs (results/schedules-fashion-mnist/run_all.sh).
+SCHEDULE_CELLS = ((20, 5504), (56, 5504))
+SCHEDULE_SEEDS = (0, 1, 2, 3, 4)
+
+
+def schedule_status(root: str | Path, cells_wanted=SCHEDULE_CELLS, seeds=SCHEDULE_SEEDS) -> dict[str, dict[str, Any]]:
+    """Per wanted cell (``"d20-n5504"``): ``finished`` and ``expected`` run counts, ``complete``, ``missing`` runs.
+
+    A cell is complete when every arm of :data:`ARMS` has a finished run for every seed; only complete
+    cells get a verdict in the docs and the notebook.
+    """
+    found = cells(root) if Path(root).is_dir() else {}
+    status = {}
+    for depth, size in cells_wanted:
+        groups = found.get((depth, size), {arm: {} for arm in ARMS})
+        missing = [f"{arm}-seed{seed}" for seed in seeds for arm in ARMS if seed not in groups[arm]]
+        expected = len(ARMS) * len(seeds)
+        status[f"d{depth}-n{size}"] = {"finished": expected - len(missing), "expected": expected,
+                                       "complete": not missing, "missing": missing}  # fmt: skip
+    return status
+
+
 ARM_NAMES = {"sd": "stochastic depth throughout", "early": "early stochastic depth", "late": "late stochastic depth"}
 
 
@@ -488,7 +510,12 @@ def write_schedule_map(root: Path) -> dict[str, Any]:
         print(schedule_verdict(row))
     for cell, arms in finished.items():
         print(f"{cell}: finished runs, seeds per arm: " + "; ".join(f"{arm} {seeds}" for arm, seeds in arms.items()))
-    result = {"training_criterion_points": TRAINING_CRITERION_POINTS, "finished_runs": finished, "rows": rows}
+    status = schedule_status(root)
+    for cell, state in status.items():
+        print(f"{cell}: {state['finished']} of {state['expected']} runs finished"
+              + ("" if state["complete"] else f"; pending: {', '.join(state['missing'])}"))
+    result = {"training_criterion_points": TRAINING_CRITERION_POINTS, "status": status, "finished_runs": finished,
+              "rows": rows}  # fmt: skip
     write_json_atomically(root / "schedule_map.json", json.loads(json.dumps(result, default=str)))
     write_text_atomically(root / "schedule_map.md", schedule_table(rows) + "\n")
     if rows:

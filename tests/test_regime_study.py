@@ -148,3 +148,13 @@ def test_an_early_schedule_run_is_evaluated_again_with_the_drop_scale_it_ended_w
     error, _ = regime_study._error(model, data.test, data.preprocess)
     assert error == json.loads((out / "metrics.json").read_text())["summary"]["final_test_error"]
     assert regime_study.cells(tmp_path)[8, 80]["early"].keys() == {0}
+
+
+def test_only_a_cell_with_every_arm_and_seed_is_complete(tmp_path):
+    write_arms(tmp_path, {"plain": [0.1] * 5, "sd": [0.1] * 5, "early": [0.1] * 5, "late": [0.1] * 4})
+    status = regime_study.schedule_status(tmp_path)
+    assert status["d20-n5504"] == {"finished": 19, "expected": 20, "complete": False, "missing": ["late-seed4"]}
+    assert status["d56-n5504"]["finished"] == 0 and len(status["d56-n5504"]["missing"]) == 20
+    write_arms(tmp_path / "more", {"late": [0.1] * 5})
+    (tmp_path / "more" / "d20-n5504" / "late-seed4").rename(tmp_path / "d20-n5504" / "late-seed4")
+    assert regime_study.schedule_status(tmp_path)["d20-n5504"]["complete"]
