@@ -520,7 +520,7 @@ def write_schedule_map(root: Path) -> dict[str, Any]:
     write_text_atomically(root / "schedule_map.md", schedule_table(rows) + "\n")
     if rows:
         plot_schedule_map(rows, root / "schedule_map.png")
-    print(f"wrote {root}/schedule_map.json, .md, .png")
+    print(f"wrote {root}/schedule_map.json, .md" + (", .png" if rows else " (no cell with two paired seeds to draw)"))
     return result
 
 
