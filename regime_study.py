@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -343,7 +344,7 @@ def schedule_verdict(row: dict[str, Any]) -> str:
     d = row["errors"]["final test error"]
     diff = d["difference_points"]
     if row["verdict"] == "no difference detectable":
-        word = f"no difference detectable (80% power at {diff['min_detectable']:.2f} points)"
+        word = compare_runs.verdict_text({**diff, "verdict": row["verdict"]})  # with the detectable size, if defined
     else:
         word = f"test error {row['verdict']} with {row['arm']}"
     failed = f"; runs failing the training criterion: {', '.join(row['failed_runs'])}" if row["failed_runs"] else ""
@@ -351,6 +352,11 @@ def schedule_verdict(row: dict[str, Any]) -> str:
             f"plain {fmean(d['control']):.2f}%, {row['arm']} {fmean(d['treatment']):.2f}%, difference "
             f"{diff['mean']:+.2f} points [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}], Holm p = "
             f"{row['p_value_holm']:.3g} ({len(row['seeds'])} seeds): {word}{failed}")
+
+
+def _points(value: float) -> str:
+    """`value` with two decimals, or "-" where it is undefined (a detectable size from two seeds)."""
+    return "-" if math.isnan(value) else f"{value:.2f}"
 
 
 def schedule_table(rows: list[dict[str, Any]]) -> str:
@@ -374,7 +380,7 @@ def schedule_table(rows: list[dict[str, Any]]) -> str:
         final = errors["final test error"]
         lines.append(
             f"| {row['depth']} | {row['arm']} | {len(row['seeds'])} | {means(final)} | {interval(final)} | "
-            f"{row['p_value_holm']:.3g} | {final['difference_points']['min_detectable']:.2f} | "
+            f"{row['p_value_holm']:.3g} | {_points(final['difference_points']['min_detectable'])} | "
             f"{interval(errors['test error at best val. epoch'])} | {means(errors['final training error'])} | "
             f"{means(row['train_eval']) if 'train_eval' in row else '-'} | {', '.join(row['failed_runs']) or 'none'} | "
             f"{ratio['mean']:.2f} [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}] |"
