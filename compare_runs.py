@@ -32,7 +32,10 @@ from run_statistics import paired_difference, paired_ratio
 INCIDENTAL = {"seed", "output_dir", "resume", "progress", "log_every", "device", "torch", "data_dir", "download",
               "eval_batch_size", "world_size", "max_steps", "channels_last"}
 # Settings that say which model a run trained: the same within a group, different between groups.
-MODEL = {"plain", "p_last", "survival_rule", "dropped_update", "parameters"}
+MODEL = {"plain", "p_last", "survival_rule", "dropped_update", "parameters", "drop_schedule", "drop_switch"}
+# Settings added to train.py after runs were made, with the value those runs had: a config that lacks one gets it,
+# so that a run from before the option compares with one from after (the same as Recipe.from_dict's defaults).
+ADDED_LATER = {"drop_schedule": "constant", "drop_switch": 0.25}
 ERRORS = {
     "test error at best val. epoch": lambda run: run["summary"]["test_error_at_best_val"],
     "final test error": lambda run: run["summary"]["final_test_error"],
@@ -48,6 +51,7 @@ def load_runs(folders: Sequence[str | Path], group: str) -> dict[int, dict[str, 
         if not path.is_file():
             raise ValueError(f"{group}: {path} not found: is {folder} the --output-dir of a finished train.py run?")
         run = json.loads(path.read_text())
+        run["config"] = {**ADDED_LATER, **run["config"]}
         if "test_error_at_best_val" not in run["summary"]:
             raise ValueError(f"{group}: {path} has no validation error (trained with --val-size 0?): "
                              "runs to compare need a validation split to pick their best epoch")

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from pathlib import Path
-from statistics import fmean, pstdev
+from statistics import fmean, median, pstdev
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ import compare_runs
 import image_data
 import train
 from atomic_files import write_json_atomically, write_text_atomically
+from resnet_with_stochastic_depth import stochastic_depth_state
+from run_statistics import holm_adjusted, paired_t_p_value
 from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
 
 # Training images used to re-estimate BatchNorm statistics and to measure the training error of the
@@ -47,6 +50,13 @@ STATISTICS_IMAGES = 2048
 CURVE_TEST_IMAGES = 5000
 CURVE_DRAWS = 3
 _CELL = re.compile(r"d(\d+)-n(\d+)$")
+# The run folders' model names: "plain" and "sd" (stochastic depth throughout) in both maps; "early" and "late"
+# (train.py --drop-schedule) in the schedule map of issue 22 (results/schedules-fashion-mnist).
+ARMS = ("plain", "sd", "early", "late")
+# The training criterion of the schedule map, fixed before its runs: a run trained if its final training error
+# (the last epoch's, as training measured it) is at most this many points above the median of its arm's runs in
+# its cell. A run that fails it is reported, and kept in the comparisons.
+TRAINING_CRITERION_POINTS = 5.0
 
 
 def load_trained(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], Any]:
@@ -70,6 +80,10 @@ def load_trained(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], A
     model = train.build_model(train.Recipe.from_dict(config), splits.train.images.shape[1], splits.num_classes)
     checkpoint = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
+    if checkpoint.get("stochastic_depth") is not None:
+        # The gates' drop_scale as training left it: evaluation scales each residual by the survival probability
+        # in force (after an early drop schedule, 1), as train.py's own evaluation of the checkpoint did.
+        stochastic_depth_state(model).set_state(checkpoint["stochastic_depth"])
     data = argparse.Namespace(train=splits.train, test=splits.test, preprocess=preprocess, augment=augment)
     return model, config, data
 
@@ -142,13 +156,13 @@ def evaluate_run(folder: str | Path, *, curve: bool = False) -> dict[str, Any]:
 
 
 def cells(root: str | Path) -> dict[tuple[int, int], dict[str, dict[int, Path]]]:
-    """``{(depth, train images): {"plain": {seed: folder}, "sd": {seed: folder}}}`` of the finished runs."""
+    """``{(depth, train images): {arm: {seed: folder}}}`` of the finished runs, for every arm of :data:`ARMS`."""
     found: dict[tuple[int, int], dict[str, dict[int, Path]]] = {}
     for cell in sorted(Path(root).iterdir()):
         match = _CELL.match(cell.name)
         if not match or not cell.is_dir():
             continue
-        groups: dict[str, dict[int, Path]] = {"plain": {}, "sd": {}}
+        groups: dict[str, dict[int, Path]] = {arm: {} for arm in ARMS}
         for run in cell.iterdir():
             model, _, seed = run.name.partition("-seed")
             metrics = run / "metrics.json"
@@ -228,6 +242,176 @@ def map_table(rows: list[dict[str, Any]]) -> str:
             f"{ratio['mean']:.2f} [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}] |"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------
+# The schedule map (issue 22): plain against sd, early and late, from files only
+# ----------------------------------------------------------------------------------
+
+
+def training_criterion(groups: dict[str, dict[int, Path]], points: float = TRAINING_CRITERION_POINTS) -> list[dict[str, Any]]:
+    """Every finished run of a cell against the training criterion: one dict per run.
+
+    A run passes if its final training error (``metrics.json``'s last epoch, in percent) is at most
+    `points` above the median of its arm's runs in the cell. Each dict: ``arm``, ``seed``,
+    ``train_error``, ``arm_median``, ``passed``.
+    """
+    checked = []
+    for arm, runs in groups.items():
+        errors = {seed: 100 * json.loads((folder / "metrics.json").read_text())["epochs"][-1]["train_error"]
+                  for seed, folder in sorted(runs.items())}  # fmt: skip
+        if not errors:
+            continue
+        middle = median(errors.values())
+        checked += [{"arm": arm, "seed": seed, "train_error": error, "arm_median": middle,
+                     "passed": error <= middle + points} for seed, error in errors.items()]  # fmt: skip
+    return checked
+
+
+def schedule_map(root: str | Path, control: str = "plain") -> list[dict[str, Any]]:
+    """One row per (cell, arm): the arm against `control`, paired by seed, with Holm's correction per cell.
+
+    For every arm of :data:`ARMS` other than `control` that has finished runs of at least two seeds
+    that `control` also has: ``compare_runs.compare`` of the two groups (``errors``: test error at the best
+    validation epoch, final test error, final training error, each with the paired difference arm -
+    control in points, its 95% interval and the difference detectable at 80% power; ``epoch_time_ratio``),
+    the paired t test's ``p_value`` of the final test error and ``p_value_holm``, adjusted over the arms
+    of the cell; ``verdict``: "higher" / "lower" (test error with the arm, Holm p < 0.05) or "no
+    difference detectable"; the evaluation network's training error (``evaluation.json``, first 2,048
+    training images, no augmentation) as ``train_eval`` where every run has one; ``criterion``, the
+    :func:`training_criterion` of the cell's runs of both groups, and ``failed_runs``.
+    """
+    rows = []
+    for (depth, size), groups in sorted(cells(root).items()):
+        criterion = training_criterion(groups)
+        cell_rows = []
+        for arm in ARMS:
+            if arm == control:
+                continue
+            seeds = sorted(groups[control].keys() & groups[arm].keys())
+            if len(seeds) < 2:
+                continue
+            comparison = compare_runs.compare([groups[control][s] for s in seeds], [groups[arm][s] for s in seeds])
+            final = comparison["errors"]["final test error"]
+            row: dict[str, Any] = {
+                "depth": depth, "train_images": size, "arm": arm, "control": control, "seeds": seeds,
+                "errors": comparison["errors"], "epoch_time_ratio": comparison["epoch_time_ratio"],
+                "p_value": paired_t_p_value([t - c for t, c in zip(final["treatment"], final["control"])]),
+                "criterion": [c for c in criterion if c["arm"] in (arm, control) and c["seed"] in seeds],
+            }  # fmt: skip
+            row["failed_runs"] = [f"{c['arm']}-seed{c['seed']}" for c in row["criterion"] if not c["passed"]]
+            evaluations = {m: [groups[m][s] / "evaluation.json" for s in seeds] for m in (control, arm)}
+            if all(p.is_file() for paths in evaluations.values() for p in paths):
+                plain, treated = ([100 * json.loads(p.read_text())["train_error"] for p in evaluations[m]] for m in (control, arm))
+                row["train_eval"] = {"control": plain, "treatment": treated,
+                                     "difference_points": compare_runs.error_difference(treated, plain)}  # fmt: skip
+            cell_rows.append(row)
+        for row, adjusted in zip(cell_rows, holm_adjusted([r["p_value"] for r in cell_rows])):
+            row["p_value_holm"] = adjusted
+            mean = row["errors"]["final test error"]["difference_points"]["mean"]
+            row["verdict"] = ("higher" if mean > 0 else "lower") if adjusted < 0.05 else "no difference detectable"
+        rows += cell_rows
+    return rows
+
+
+# The schedule map's design: its cells and the runs each needs (results/schedules-fashion-mnist/run_all.sh).
+SCHEDULE_CELLS = ((20, 5504), (56, 5504))
+SCHEDULE_SEEDS = (0, 1, 2, 3, 4)
+
+
+def schedule_status(root: str | Path, cells_wanted=SCHEDULE_CELLS, seeds=SCHEDULE_SEEDS) -> dict[str, dict[str, Any]]:
+    """Per wanted cell (``"d20-n5504"``): ``finished`` and ``expected`` run counts, ``complete``, ``missing`` runs.
+
+    A cell is complete when every arm of :data:`ARMS` has a finished run for every seed; only complete
+    cells get a verdict in the docs and the notebook.
+    """
+    found = cells(root) if Path(root).is_dir() else {}
+    status = {}
+    for depth, size in cells_wanted:
+        groups = found.get((depth, size), {arm: {} for arm in ARMS})
+        missing = [f"{arm}-seed{seed}" for seed in seeds for arm in ARMS if seed not in groups[arm]]
+        expected = len(ARMS) * len(seeds)
+        status[f"d{depth}-n{size}"] = {"finished": expected - len(missing), "expected": expected,
+                                       "complete": not missing, "missing": missing}  # fmt: skip
+    return status
+
+
+ARM_NAMES = {"sd": "stochastic depth throughout", "early": "early stochastic depth", "late": "late stochastic depth"}
+
+
+def schedule_verdict(row: dict[str, Any]) -> str:
+    """One line: the cell, the arm, the mean test errors, the difference with its interval, Holm's p, the verdict."""
+    d = row["errors"]["final test error"]
+    diff = d["difference_points"]
+    if row["verdict"] == "no difference detectable":
+        word = compare_runs.verdict_text({**diff, "verdict": row["verdict"]})  # with the detectable size, if defined
+    else:
+        word = f"test error {row['verdict']} with {row['arm']}"
+    failed = f"; runs failing the training criterion: {', '.join(row['failed_runs'])}" if row["failed_runs"] else ""
+    return (f"ResNet-{row['depth']}, {row['train_images']:,} images, {ARM_NAMES.get(row['arm'], row['arm'])}: "
+            f"plain {fmean(d['control']):.2f}%, {row['arm']} {fmean(d['treatment']):.2f}%, difference "
+            f"{diff['mean']:+.2f} points [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}], Holm p = "
+            f"{row['p_value_holm']:.3g} ({len(row['seeds'])} seeds): {word}{failed}")
+
+
+def _points(value: float) -> str:
+    """`value` with two decimals, or "-" where it is undefined (a detectable size from two seeds)."""
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def schedule_table(rows: list[dict[str, Any]]) -> str:
+    """The schedule map as a Markdown table."""
+    def means(values):
+        return f"{fmean(values['control']):.2f} / {fmean(values['treatment']):.2f}"
+
+    def interval(values):
+        d = values["difference_points"]
+        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+    lines = [
+        "| depth | arm | seeds | final test error, plain / arm (%) | arm - plain, points [95% CI] | Holm p | "
+        "detectable (points) | test error at best val.: arm - plain | training error (last epoch), plain / arm (%) | "
+        "evaluation network's training error, plain / arm (%) | runs failing the training criterion | "
+        "epoch-time ratio arm / plain |",
+        "|---:|---|---:|---|---|---:|---:|---|---|---|---|---|",
+    ]
+    for row in rows:
+        errors, ratio = row["errors"], row["epoch_time_ratio"]
+        final = errors["final test error"]
+        lines.append(
+            f"| {row['depth']} | {row['arm']} | {len(row['seeds'])} | {means(final)} | {interval(final)} | "
+            f"{row['p_value_holm']:.3g} | {_points(final['difference_points']['min_detectable'])} | "
+            f"{interval(errors['test error at best val. epoch'])} | {means(errors['final training error'])} | "
+            f"{means(row['train_eval']) if 'train_eval' in row else '-'} | {', '.join(row['failed_runs']) or 'none'} | "
+            f"{ratio['mean']:.2f} [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}] |"
+        )
+    return "\n".join(lines)
+
+
+def plot_schedule_map(rows: list[dict[str, Any]], path: str | Path | None = None):
+    """Per depth, each arm's paired final-test-error difference against plain: mean, 95% interval, seeds."""
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r["depth"] for r in rows})
+    fig, axes = plt.subplots(1, max(len(depths), 1), figsize=(5 * max(len(depths), 1), 4), squeeze=False, sharey=True)
+    for ax, depth in zip(axes[0], depths):
+        subset = [r for r in rows if r["depth"] == depth]
+        for i, row in enumerate(subset):
+            final = row["errors"]["final test error"]
+            d = final["difference_points"]
+            ax.errorbar([i], [d["mean"]], yerr=[[d["mean"] - d["ci95"][0]], [d["ci95"][1] - d["mean"]]], fmt="o",
+                        capsize=4, color="C0")  # fmt: skip
+            seeds = [t - c for t, c in zip(final["treatment"], final["control"])]
+            ax.plot([i + 0.15] * len(seeds), seeds, "x", color="C0", alpha=0.6, markersize=5)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(subset)), [r["arm"] for r in subset])
+        ax.set_title(f"ResNet-{depth}, {subset[0]['train_images']:,} training images ({len(subset[0]['seeds'])} seeds)")
+        ax.set_ylabel("final test error, arm - plain (points)\n< 0: the arm is better")
+    fig.suptitle("Drop schedules against the plain ResNet, paired by seed: mean, 95% interval, seeds (x)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def plot_map(rows: list[dict[str, Any]], path: str | Path | None = None):
@@ -321,9 +505,36 @@ def plot_depth_curve(curves: dict[str, list[dict[str, Any]]], title: str, path: 
     return fig
 
 
+def write_schedule_map(root: Path) -> dict[str, Any]:
+    """Compute :func:`schedule_map` from `root`'s files, print it, write ``schedule_map.json``, ``.md``, ``.png``."""
+    rows = schedule_map(root)
+    finished = {f"d{depth}-n{size}": {arm: sorted(runs) for arm, runs in groups.items() if runs}
+                for (depth, size), groups in sorted(cells(root).items())}  # fmt: skip
+    print(schedule_table(rows))
+    print()
+    for row in rows:
+        print(schedule_verdict(row))
+    for cell, arms in finished.items():
+        print(f"{cell}: finished runs, seeds per arm: " + "; ".join(f"{arm} {seeds}" for arm, seeds in arms.items()))
+    status = schedule_status(root)
+    for cell, state in status.items():
+        print(f"{cell}: {state['finished']} of {state['expected']} runs finished"
+              + ("" if state["complete"] else f"; pending: {', '.join(state['missing'])}"))
+    result = {"training_criterion_points": TRAINING_CRITERION_POINTS, "status": status, "finished_runs": finished,
+              "rows": rows}  # fmt: skip
+    write_json_atomically(root / "schedule_map.json", json.loads(json.dumps(result, default=str)))
+    write_text_atomically(root / "schedule_map.md", schedule_table(rows) + "\n")
+    if rows:
+        plot_schedule_map(rows, root / "schedule_map.png")
+    print(f"wrote {root}/schedule_map.json, .md" + (", .png" if rows else " (no cell with two paired seeds to draw)"))
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["evaluate", "map"])
+    parser.add_argument("command", choices=["evaluate", "map", "schedules"],
+                        help="'map': the sd-against-plain map (map.json, map.md, map.png); 'schedules': the schedule "
+                        "map of issue 22 (schedule_map.json, .md, .png), both from the files in --root only")
     parser.add_argument("--root", type=Path, default=Path("results/regime-fashion-mnist"))
     parser.add_argument("--seed", type=int, help="evaluate: only this seed's runs")
     parser.add_argument("--curve-depth", type=int, default=110, help="evaluate: depth whose runs get a depth curve")
@@ -332,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         for (depth, size), groups in sorted(cells(args.root).items()):
-            for model in ("plain", "sd"):
+            for model in ARMS:
                 for seed, folder in sorted(groups[model].items()):
                     if args.seed is not None and seed != args.seed:
                         continue
@@ -346,6 +557,9 @@ def main(argv: list[str] | None = None) -> None:
                     result = evaluate_run(folder, curve=curve)
                     print(f"{folder}: test error {100 * result['test_error']:.2f}% -> {100 * result['test_error_bn']:.2f}% "
                           f"with BN re-estimated, {time.perf_counter() - start:.0f} s", flush=True)
+        return
+    if args.command == "schedules":
+        write_schedule_map(args.root)
         return
     rows = regime_map(args.root)
     print(map_table(rows))

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 import image_data
 from atomic_files import write_atomically, write_json_atomically
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
+from stochastic_depth.schedules import early_drops, late_drops
 from training import (
     BatchSampler,
     build_resnet,
@@ -87,6 +88,7 @@ CHOICES = {
     "schedule_unit": ("epoch", "step"),
     "warmup_shape": ("constant", "linear"),
     "dropped_update": ("decay", "skip"),
+    "drop_schedule": ("constant", "early", "late"),
 }
 
 
@@ -137,6 +139,8 @@ class Recipe:
     warmup_shape: str = "constant"
     schedule_unit: str = "epoch"
     eval_every: int = 1
+    drop_schedule: str = "constant"
+    drop_switch: float = 0.25
 
     def __post_init__(self) -> None:
         def fill(name: str, value: Any) -> None:  # how a frozen dataclass completes itself (see dataclasses)
@@ -180,6 +184,10 @@ class Recipe:
                                  f"and finite, got {value}")  # fmt: skip
         if self.val_size is not None and self.val_size < 0:
             raise ValueError(f"--val-size must be non-negative, got {self.val_size}")
+        if not (math.isfinite(self.drop_switch) and 0.0 < self.drop_switch < 1.0):
+            raise ValueError(f"--drop-switch is a fraction of the steps in (0, 1), got {self.drop_switch}")
+        if self.plain and self.drop_schedule != "constant":
+            raise ValueError(f"--drop-schedule {self.drop_schedule} needs stochastic depth, not --plain (or --p-last 1)")
         if self.warmup_lr is None:
             fill("warmup_lr", self.lr / 10)
         if not (math.isfinite(self.warmup_lr) and self.warmup_lr > 0):
@@ -247,6 +255,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--plain", action="store_true", default=_DEFAULTS["plain"],
                        help="train the plain ResNet (same as --p-last 1)")
     model.add_argument("--survival-rule", choices=CHOICES["survival_rule"], default=_DEFAULTS["survival_rule"])
+    model.add_argument("--drop-schedule", choices=CHOICES["drop_schedule"], default=_DEFAULTS["drop_schedule"],
+                       help="when blocks are dropped: 'constant', at the rates of --p-last throughout (the paper); "
+                       "'early', at those rates for the first --drop-switch of the optimizer steps, then never; 'late', "
+                       "never before, then at those rates (Liu et al., 2023). Evaluation scales each residual by the "
+                       "survival probability in force at the last step: after 'early', every block at full strength")
+    model.add_argument("--drop-switch", type=float, default=_DEFAULTS["drop_switch"],
+                       help="fraction of the run's optimizer steps after which an 'early' schedule stops dropping and "
+                       "a 'late' one starts: floor(f * total steps)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="default 500 (SVHN: 50)")
     optim.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="of all processes together")
@@ -393,6 +409,21 @@ def make_optimizer(
     length = recipe.epochs * (steps_per_epoch if recipe.schedule_unit == "step" else 1)
     milestones = [math.floor(f * length) for f in recipe.lr_milestones]
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+
+
+def drop_scale(recipe: Recipe, step: int, total_steps: int) -> float:
+    """The gates' ``drop_scale`` at 0-based optimizer `step` of a run of `total_steps` (``--drop-schedule``).
+
+    1 throughout for ``"constant"``; ``"early"`` and ``"late"`` switch at step
+    ``floor(drop_switch * total_steps)`` (:func:`stochastic_depth.schedules.early_drops`, ``late_drops``).
+    It depends on the step alone, so a resumed run continues the schedule.
+    """
+    switch = math.floor(recipe.drop_switch * total_steps)
+    if recipe.drop_schedule == "early":
+        return early_drops(step, switch)
+    if recipe.drop_schedule == "late":
+        return late_drops(step, switch)
+    return 1.0
 
 
 class warmup_lr:
@@ -812,6 +843,8 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
     if processes.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         model_text = "plain" if recipe.plain else f"stochastic depth p_L={recipe.p_last}"
+        if recipe.drop_schedule != "constant":
+            model_text += f", {recipe.drop_schedule} drops (switch after {recipe.drop_switch:g} of the steps)"
         print(f"train.py: {recipe.dataset}, ResNet-{recipe.depth} ({config['parameters']:,} parameters), {model_text}, "
               f"{processes.world_size} process(es) on {processes.device}, {data.steps_per_epoch} steps per epoch",
               flush=True)  # fmt: skip
@@ -871,6 +904,8 @@ def train_epoch(
         images, labels = data.next_share(step, processes)
         if training.stochastic:  # every process drops the same blocks at this step, by construction
             set_step(model, step)
+            if recipe.drop_schedule != "constant":
+                stochastic_depth_state(model).drop_scale = drop_scale(recipe, step, recipe.epochs * data.steps_per_epoch)
         with warmup_lr(training.optimizer, recipe.warmup_lr, step, recipe.warmup_steps, recipe.warmup_shape):
             loss, logits = training_step(training.network, training.optimizer, training.scaler, training.autocast,
                                          images, labels, training.set_to_none)  # fmt: skip

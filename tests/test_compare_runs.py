@@ -140,3 +140,17 @@ def test_out_is_strict_json_and_a_missing_folder_is_named_before_comparing(tmp_p
         compare_runs.main(["--control", *map(str, control), "--treatment", *map(str, treatment),
                            "--out", str(tmp_path / "missing" / "c.json")])
     assert "the folder" in capsys.readouterr().err and not (tmp_path / "missing").exists()
+
+
+def test_a_run_from_before_the_drop_schedule_options_compares_with_one_after(tmp_path):
+    # Runs whose config lacks drop_schedule and drop_switch trained with the constant schedule: in one group
+    # with runs that store it, and against an early-schedule group (a model setting, which may differ).
+    control = [write_run(tmp_path / "plain-0", 0, 0.10), write_run(tmp_path / "plain-1", 1, 0.11)]
+    old = write_run(tmp_path / "sd-0", 0, 0.12, plain=False)
+    new = write_run(tmp_path / "sd-1", 1, 0.13, plain=False, drop_schedule="constant", drop_switch=0.25)
+    assert compare_runs.compare(control, [old, new])["treatment"]["drop_schedule"] == "constant"
+    early = [write_run(tmp_path / f"early-{s}", s, 0.1, plain=False, drop_schedule="early") for s in (0, 1)]
+    assert compare_runs.compare(control, early)["treatment"]["drop_schedule"] == "early"
+    odd = write_run(tmp_path / "sd-9", 1, 0.13, plain=False, drop_schedule="late")
+    with pytest.raises(ValueError, match="differ in drop_schedule"):
+        compare_runs.compare(control, [old, odd])

@@ -11,6 +11,7 @@ from test_train import cifar_argv, fake_cifar  # noqa: F401  (the fixture)
 
 import regime_study
 import train
+from resnet_with_stochastic_depth import stochastic_depth_state
 
 
 def write_cell(root, depth, size, plain_errors, sd_errors, plain_bn, sd_bn):
@@ -76,3 +77,84 @@ def test_a_trained_run_is_evaluated_again_from_its_checkpoint(fake_cifar, tmp_pa
     summary = regime_study.curve_summary([curve])
     assert summary[0]["kept_fraction"] == 1.0 and summary[0]["time_ratio"] == pytest.approx(1.0)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+# ---------------------------------------------------------------------------------- the schedule map (issue 22)
+
+
+def write_arms(root, errors_by_arm, depth=20, size=5504):
+    """Runs of each arm (plain, sd, early, late) in one cell, one per seed, with the given final test errors."""
+    for arm, errors in errors_by_arm.items():
+        schedule = {"early": "early", "late": "late"}.get(arm, "constant")
+        for seed, error in enumerate(errors):
+            write_run(root / f"d{depth}-n{size}" / f"{arm}-seed{seed}", seed, error, plain=arm == "plain", depth=depth,
+                      drop_schedule=schedule, epoch_s=10.0 if arm == "plain" else 8.0)  # fmt: skip
+
+
+def test_the_schedule_map_compares_every_arm_with_plain_and_adjusts_by_holm(tmp_path):
+    plain = [0.100, 0.110, 0.105, 0.098, 0.102]
+    errors = {"plain": plain, "sd": [e + 0.02 + 0.002 * i for i, e in enumerate(plain)],  # clearly worse
+              "early": [e - 0.001 * (-1) ** i for i, e in enumerate(plain)],  # no difference
+              "late": [e - 0.004 + 0.001 * i for i, e in enumerate(plain)]}  # fmt: skip
+    write_arms(tmp_path, errors)
+    rows = regime_study.schedule_map(tmp_path)
+    assert [r["arm"] for r in rows] == ["sd", "early", "late"] and all(r["seeds"] == [0, 1, 2, 3, 4] for r in rows)
+    p_values = [scipy.stats.ttest_rel([100 * e for e in errors[r["arm"]]], [100 * e for e in plain]).pvalue for r in rows]
+    assert [r["p_value"] for r in rows] == pytest.approx(p_values)
+    # Holm by hand: the smallest p times 3, the next times 2 (at least the first), the largest times 1 (at least both).
+    order = sorted(range(3), key=lambda i: p_values[i])
+    expected = [0.0] * 3
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * p_values[i]))
+        expected[i] = running
+    assert [r["p_value_holm"] for r in rows] == pytest.approx(expected)
+    verdicts = {r["arm"]: r["verdict"] for r in rows}
+    assert verdicts["sd"] == "higher" and verdicts["early"] == "no difference detectable"
+    assert "early stochastic depth" in regime_study.schedule_verdict(rows[1]) and "80% power at" in regime_study.schedule_verdict(rows[1])
+    assert all(r["failed_runs"] == [] for r in rows)
+    assert "| 20 | sd | 5 |" in regime_study.schedule_table(rows)
+
+
+def test_a_run_that_fails_the_training_criterion_is_reported_and_kept(tmp_path):
+    plain = [0.10, 0.11, 0.10, 0.12, 0.11]
+    late = [0.10, 0.11, 0.10, 0.12, 0.11]
+    late[3] = 0.11 + 0.051  # its training error (test error - 0.01) 5.1 points above the arm's median 10%
+    write_arms(tmp_path, {"plain": plain, "late": late})
+    (row,) = regime_study.schedule_map(tmp_path)
+    assert row["failed_runs"] == ["late-seed3"]
+    failing = [c for c in row["criterion"] if not c["passed"]]
+    assert failing[0]["train_error"] == pytest.approx(15.1) and failing[0]["arm_median"] == pytest.approx(10.0)
+    assert row["errors"]["final test error"]["treatment"][3] == pytest.approx(16.1)  # kept in the comparison
+    assert "late-seed3" in regime_study.schedule_verdict(row)
+    # 4.9 points above the median passes.
+    path = tmp_path / "d20-n5504" / "late-seed3" / "metrics.json"
+    run = json.loads(path.read_text())
+    run["epochs"][-1]["train_error"] = 0.10 + 0.049
+    path.write_text(json.dumps(run))
+    assert regime_study.schedule_map(tmp_path)[0]["failed_runs"] == []
+
+
+def test_an_early_schedule_run_is_evaluated_again_with_the_drop_scale_it_ended_with(fake_cifar, tmp_path):  # noqa: F811
+    out = tmp_path / "d8-n80" / "early-seed0"
+    result = train.main(cifar_argv(fake_cifar, out, "--epochs", "2", "--p-last", "0.2", "--drop-schedule", "early",
+                                   "--drop-switch", "0.5"))  # fmt: skip
+    model, _, data = regime_study.load_trained(out)
+    # train.py evaluated the model after the last step, at drop_scale 0 (every block at full strength): so does this.
+    assert stochastic_depth_state(model).drop_scale == 0.0
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), result.model.eval()(x))
+    error, _ = regime_study._error(model, data.test, data.preprocess)
+    assert error == json.loads((out / "metrics.json").read_text())["summary"]["final_test_error"]
+    assert regime_study.cells(tmp_path)[8, 80]["early"].keys() == {0}
+
+
+def test_only_a_cell_with_every_arm_and_seed_is_complete(tmp_path):
+    write_arms(tmp_path, {"plain": [0.1] * 5, "sd": [0.1] * 5, "early": [0.1] * 5, "late": [0.1] * 4})
+    status = regime_study.schedule_status(tmp_path)
+    assert status["d20-n5504"] == {"finished": 19, "expected": 20, "complete": False, "missing": ["late-seed4"]}
+    assert status["d56-n5504"]["finished"] == 0 and len(status["d56-n5504"]["missing"]) == 20
+    write_arms(tmp_path / "more", {"late": [0.1] * 5})
+    (tmp_path / "more" / "d20-n5504" / "late-seed4").rename(tmp_path / "d20-n5504" / "late-seed4")
+    assert regime_study.schedule_status(tmp_path)["d20-n5504"]["complete"]

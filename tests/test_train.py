@@ -16,7 +16,7 @@ import torchvision
 
 import image_data
 import train
-from resnet_with_stochastic_depth import StochasticResNet
+from resnet_with_stochastic_depth import StochasticResNet, stochastic_depth_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,8 @@ def test_warmup_step_schedule_image_size_and_eval_every(fake_cifar, tmp_path, mo
 def test_checkpoint_from_before_the_new_options_resumes(fake_cifar, tmp_path):
     train.main(cifar_argv(fake_cifar, tmp_path, "--epochs", "2", "--max-steps", "4"))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    for name in ("image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every"):
+    for name in ("image_size", "warmup_steps", "warmup_lr", "warmup_shape", "schedule_unit", "eval_every",
+                 "drop_schedule", "drop_switch"):
         del checkpoint["recipe"][name]
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     # An old checkpoint's warm-up lr is the default's (--lr / 10): the same run resumes.
@@ -190,7 +191,8 @@ def test_checkpoint_from_before_the_new_options_resumes(fake_cifar, tmp_path):
 
 
 @pytest.mark.parametrize("option, value", [("--warmup-steps", "-1"), ("--warmup-lr", "0"), ("--image-size", "4"),
-                                           ("--eval-every", "0")])
+                                           ("--eval-every", "0"), ("--drop-switch", "0"), ("--drop-switch", "1"),
+                                           ("--drop-switch", "nan")])
 def test_bad_warmup_size_and_eval_options_are_refused_naming_the_value(option, value, capsys):
     with pytest.raises(SystemExit):
         train.parse_args([option, value])
@@ -206,11 +208,72 @@ def test_bad_optimiser_options_are_refused_naming_the_option(option, value, caps
 
 @pytest.mark.parametrize("field, value", [("schedule_unit", "steps"), ("warmup_shape", "cosine"), ("shortcut", "B"),
                                           ("survival_rule", "foo"), ("augmentation", "flip"), ("lr_milestones", 0.5),
-                                          ("val_size", -3)])  # fmt: skip
+                                          ("val_size", -3), ("drop_schedule", "sometimes")])  # fmt: skip
 def test_a_recipe_built_in_code_is_checked_as_the_command_line_is(field, value):
     # regime_study, gpu_recipe and stored checkpoints build a Recipe without argparse's choices.
     with pytest.raises(ValueError, match=f"--{field.replace('_', '-')}"):
         train.Recipe(dataset="mnist", depth=8, **{field: value})
+
+
+# ---------------------------------------------------------------------------------- drop schedules
+
+
+def schedule_argv(data_dir, out, schedule, *extra):
+    # 4 epochs of 3 steps; the switch after floor(0.5 * 12) = 6 steps; p_L = 0.1 so that blocks drop often.
+    return cifar_argv(data_dir, out, "--epochs", "4", "--p-last", "0.1", "--drop-schedule", schedule,
+                      "--drop-switch", "0.5", *extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", ["early", "late"])
+def test_a_drop_schedule_drops_only_in_its_phase_and_a_resumed_run_continues_it(fake_cifar, tmp_path, schedule):
+    whole = train.main(schedule_argv(fake_cifar, tmp_path / "whole", schedule), record_drops=True)
+    drops = torch.stack(whole.drops)  # (12 steps, 3 blocks)
+    quiet, dropping = (drops[6:], drops[:6]) if schedule == "early" else (drops[:6], drops[6:])
+    assert quiet.all(), "no block may drop outside the schedule's drop phase"
+    # In its drop phase the gates draw at the target rates: 18 draws at p_l = 0.7, 0.4, 0.1 drop some blocks
+    # (with this seed, as any correct draw would with probability 1 - 1e-5).
+    assert not dropping.all()
+    # The same schedule drawn with drop_scale 1 throughout (the constant schedule) drops the same blocks in
+    # the drop phase: a schedule changes which steps drop, not the draws.
+    constant = torch.stack(train.main(schedule_argv(fake_cifar, tmp_path / "constant", "constant"), record_drops=True).drops)
+    phase = slice(0, 6) if schedule == "early" else slice(6, 12)
+    assert torch.equal(drops[phase], constant[phase])
+    state = stochastic_depth_state(whole.model)
+    assert state.drop_scale == (0.0 if schedule == "early" else 1.0)  # in force at the last step
+    # Stopped inside the first phase (step 4 of 12) and resumed: the same drops and records as the whole run.
+    first = train.main(schedule_argv(fake_cifar, tmp_path / "parts", schedule, "--max-steps", "4"), record_drops=True)
+    rest = train.main(schedule_argv(fake_cifar, tmp_path / "parts", schedule, "--resume"), record_drops=True)
+    assert torch.equal(torch.stack(first.drops + rest.drops), drops)
+    assert without_times(rest.records) == without_times(whole.records)
+    stored = json.loads((tmp_path / "parts" / "metrics.json").read_text())["config"]
+    assert (stored["drop_schedule"], stored["drop_switch"]) == (schedule, 0.5)
+    with pytest.raises(ValueError, match=r"--drop-schedule .* there, 'constant' here"):
+        train.main(schedule_argv(fake_cifar, tmp_path / "parts", "constant", "--resume"))
+
+
+def test_after_early_drops_evaluation_runs_every_block_at_full_strength(fake_cifar, tmp_path):
+    # The gates scale a residual at test time by the survival probability in force, 1 - drop_scale * (1 - p_l):
+    # after an early schedule (drop_scale 0) by 1, so the trained network evaluates as a plain ResNet with its weights.
+    out = tmp_path / "early"
+    result = train.main(schedule_argv(fake_cifar, out, "early"))
+    plain = train.build_model(train.Recipe(dataset="cifar10", depth=8, plain=True), 3, 10)
+    plain.load_state_dict(result.model.state_dict())
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result.model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), plain(x), rtol=0, atol=1e-6)
+        # The same weights at the default drop_scale 1 scale by p_l and compute something else.
+        stochastic_depth_state(result.model).drop_scale = 1.0
+        assert not torch.allclose(result.model(x), plain(x), atol=1e-3)
+
+
+def test_a_drop_schedule_needs_stochastic_depth(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--plain", "--drop-schedule", "early"])
+    assert "--drop-schedule early needs stochastic depth" in capsys.readouterr().err
+    assert [train.drop_scale(train.Recipe(drop_schedule=s, drop_switch=0.25), step, 10) for s in ("early", "late")
+            for step in (0, 1, 2, 9)] == [1, 1, 0, 0, 0, 0, 1, 1]  # switch at floor(2.5) = 2  # fmt: skip
 
 
 def test_resume_inside_an_epoch_continues_exactly(fake_cifar, tmp_path):
