@@ -22,8 +22,9 @@ Public API
 ``stochastic_depth_gates``, ``survival_probabilities``, ``draw_decision``, ``key_seed``
     The gate and what goes with it, defined in ``stochastic_depth.gate`` and importable
     from here too.
-``linear_drop_warmup``
-    The drop warm-up schedule, from ``stochastic_depth.schedules``.
+``linear_drop_warmup``, ``early_drops``, ``late_drops``
+    Schedules of the gates' ``drop_scale`` (a drop warm-up; drops only early or only late in
+    training), from ``stochastic_depth.schedules``.
 
 Imports run one way: ``stochastic_depth.gate`` and ``stochastic_depth.schedules`` (torch
 only) are the base, ``stochastic_depth.library_blocks`` builds on the gate, this module
@@ -73,7 +74,7 @@ from stochastic_depth.gate import (
     survival_probabilities,
 )
 from stochastic_depth.library_blocks import BlockConversion, library_block_conversions
-from stochastic_depth.schedules import linear_drop_warmup
+from stochastic_depth.schedules import early_drops, late_drops, linear_drop_warmup
 
 __all__ = [
     "DROP_MODES",
@@ -89,6 +90,8 @@ __all__ = [
     "add_stochastic_depth",
     "draw_decision",
     "key_seed",
+    "early_drops",
+    "late_drops",
     "linear_drop_warmup",
     "set_step",
     "stochastic_depth_gates",

@@ -135,4 +135,5 @@ def test_the_gate_is_importable_from_the_model_file_as_before():
 
     for name in gate.__all__:
         assert getattr(model_file, name) is getattr(gate, name)
-    assert model_file.linear_drop_warmup is schedules.linear_drop_warmup
+    for name in schedules.__all__:
+        assert getattr(model_file, name) is getattr(schedules, name)
