@@ -135,15 +135,34 @@ def time_variants(models: dict, x, y, device, rounds: int, warmup: int, autocast
     return results
 
 
-def groups_of_variants(backend: str, autocast: torch.dtype | None, cuda_graphs: bool) -> list[tuple]:
+def groups_of_variants(backend: str, autocast: torch.dtype | None, cuda_graphs: bool,
+                       inductor_options: dict | None = None) -> list[tuple]:
     """(suffix of the variants' names, autocast dtype, torch.compile options, whether the eager
-    variants run too): float32 first, then under `autocast`, then with CUDA graphs."""
-    groups = [("", None, {"backend": backend}, True)]
+    variants run too): float32 first, then under `autocast`, then with CUDA graphs. Every
+    compiled variant, masking ones included, gets `inductor_options` (``torch.compile(options=)``)."""
+    options = {"backend": backend, **({"options": inductor_options} if inductor_options else {})}
+    groups = [("", None, options, True)]
     if autocast is not None:
-        groups.append((f", {autocast_name(autocast)} autocast", autocast, {"backend": backend}, True))
+        groups.append((f", {autocast_name(autocast)} autocast", autocast, options, True))
     if cuda_graphs:
+        # (mode= and options= are exclusive in torch.compile: the CUDA-graph group has the mode only)
         groups.append((", CUDA graphs", None, {"backend": backend, "mode": "reduce-overhead"}, False))
     return groups
+
+
+def inductor_option(text: str) -> tuple[str, bool | int | float | str]:
+    """``KEY=VALUE`` of ``--inductor-option``: VALUE as a bool (true/false), a number or a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. force_layout_optimization=true), got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def new_family(family: str, device: torch.device, batch_size: int, image_size: int) -> dict:
@@ -222,6 +241,9 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--autocast", choices=["bf16"], help="also the compiled variants under this autocast")
     parser.add_argument("--cuda-graphs", action="store_true", help='also the compiled variants with mode="reduce-overhead"')
+    parser.add_argument("--inductor-option", type=inductor_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="an inductor config for every compiled variant, e.g. force_layout_optimization=true "
+                             "(channels_last also in backward graphs: pytorch/pytorch#189239); repeatable")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's choice")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: the steps' CPU time (CPU only), for a CPU shared with other jobs; warm-up is wall time")
@@ -248,7 +270,8 @@ def main() -> None:
     results = [new_family(family, device, args.batch_size, image_size) for family in args.families]
     # Group by group, so that the float32 table covers every family; the later groups start only
     # within the time budget.
-    for index, group in enumerate(groups_of_variants(args.backend, autocast, args.cuda_graphs)):
+    inductor_options = dict(args.inductor_option)
+    for index, group in enumerate(groups_of_variants(args.backend, autocast, args.cuda_graphs, inductor_options)):
         for result in results:
             if index and time.perf_counter() > deadline:
                 result["skipped_groups"].append(group[0].removeprefix(", "))
@@ -268,6 +291,7 @@ def main() -> None:
         "rounds": rounds,
         "warmup": args.warmup,
         "backend": args.backend,
+        "inductor_options": inductor_options,
         "clock": args.clock,
         "budget_s": args.budget_s,
         "wall_s": time.time() - started,

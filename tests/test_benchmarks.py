@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
@@ -24,3 +25,16 @@ def test_a_benchmark_runs_with_python_m_and_writes_its_table(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "FLOP floor" in result.stdout and out.is_file()
+
+
+def test_inductor_options_reach_every_compiled_variant_but_the_cuda_graph_one():
+    from benchmarks.bench_compile_families import groups_of_variants, inductor_option
+
+    assert inductor_option("force_layout_optimization=true") == ("force_layout_optimization", True)
+    assert inductor_option("max_autotune=False") == ("max_autotune", False)
+    assert inductor_option("cpp.threads=4") == ("cpp.threads", 4)
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        inductor_option("force_layout_optimization")
+    groups = groups_of_variants("inductor", torch.bfloat16, True, {"force_layout_optimization": True})
+    assert [g[2].get("options") for g in groups] == [{"force_layout_optimization": True}] * 2 + [None]
+    assert groups_of_variants("inductor", None, False)[0][2] == {"backend": "inductor"}
