@@ -310,6 +310,20 @@ def _fsdp_accumulation_worker(rank):
     return {"active": active, "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
 
 
+def _one_process_step(model, step):
+    """Every process's micro-batches of `step` run on one process, each micro-batch with the
+    step's sub-network: the gradient is then the mean over processes of each process's sum, as
+    DDP's and FSDP's is. Returns the gates' decisions, a list per micro-batch."""
+    active = []
+    for micro in range(MICRO):
+        set_step(model, step, micro)
+        for rank in range(WORLD):
+            x, y = images(10 * step + micro, rank)
+            (F.cross_entropy(model(x), y) / WORLD).backward()
+        active.append([bool(g.last_active) for g in stochastic_depth_gates(model)])
+    return active
+
+
 def test_fsdp2_gradient_accumulation_with_a_sub_network_per_micro_batch_equals_one_process():
     # A branch kept in a step's first micro-batch and dropped in its last must still have its
     # accumulated gradient reduce-scattered (what DDP missed before torch 2.4, pytorch #69031).
@@ -319,12 +333,7 @@ def test_fsdp2_gradient_accumulation_with_a_sub_network_per_micro_batch_equals_o
     active = []
     for step in range(3):
         optimizer.zero_grad(set_to_none=True)
-        for micro in range(MICRO):
-            set_step(model, step, micro)
-            for rank in range(WORLD):
-                x, y = images(10 * step + micro, rank)
-                (F.cross_entropy(model(x), y) / WORLD).backward()
-            active.append([bool(g.last_active) for g in stochastic_depth_gates(model)])
+        active += _one_process_step(model, step)
         optimizer.step()
     assert results[0]["active"] == results[1]["active"] == active
     assert any(first and not last for a, b in zip(active[::2], active[1::2]) for first, last in zip(a, b))
@@ -449,13 +458,8 @@ def test_ddp_of_each_family_drops_alike_and_accumulates_as_one_process(name):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(3):
         optimizer.zero_grad(set_to_none=True)
-        for micro in range(MICRO):
-            set_step(model, step, micro)
-            for rank in range(WORLD):
-                x, y = images(10 * step + micro, rank)
-                (F.cross_entropy(model(x), y) / WORLD).backward()
-            active = [bool(g.last_active) for g in stochastic_depth_gates(model)]
-            assert results[0]["records"][step]["active"][micro] == results[1]["records"][step]["active"][micro] == active
+        active = _one_process_step(model, step)
+        assert results[0]["records"][step]["active"] == results[1]["records"][step]["active"] == active
         for rank in range(WORLD):
             for n, p in model.named_parameters():
                 got = results[rank]["records"][step]["grads"][n]
