@@ -530,7 +530,9 @@ class StochasticDepth(nn.Module):
             # The survival probability in force (p_l, or more while drop_scale < 1): after a
             # schedule that ends with fewer drops, evaluation is the network training ended with.
             p = _warmed_up(self.survival_prob, self._drop_scale)
-            if not torch.compiler.is_compiling():  # (a graph should not carry this side effect)
+            # torch.compile replays this write after its graph (still one graph, no guard on
+            # it); torch.export allows no attribute writes.
+            if not torch.compiler.is_exporting():
                 self.last_active = torch.tensor(p > 0.0)
             if p == 0.0:  # never trained with this branch: leave it out at test time too
                 return shortcut

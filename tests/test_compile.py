@@ -183,6 +183,27 @@ def test_fullgraph_in_training_says_what_to_use_instead():
         model(images())  # one graph in eval mode
 
 
+@pytest.mark.parametrize("family", ["timm ViT", "StochasticResNet (CIFAR ResNet-14)"])
+def test_a_compiled_eval_pass_records_every_block_as_active(family):
+    # What an eager eval pass records (docs/pytorch-tools.md, "Seeing the drops"): after a
+    # training pass that dropped something, a compiled eval pass, one graph, sets every gate's
+    # last_active to True, also when it runs again after more training.
+    model = converted(family, "row_subset", seed=0)
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    for _ in range(2):
+        model.train()
+        model(images())
+        assert not all(bool(g.last_active.all()) for g in stochastic_depth_gates(model))
+        model.eval()
+        with torch.no_grad():
+            compiled(images())
+        assert all(g.last_active.shape == () and bool(g.last_active) for g in stochastic_depth_gates(model))
+    assert counter.frame_count == 1
+    if isinstance(model, StochasticResNet):
+        assert model.active_blocks.all()
+
+
 def test_inductor_compiles_a_converted_convnext_in_a_row_mode():
     # The issue's ConvNeXt failed at its first compiled training step ("cannot determine truth
     # value of Relational") from layout checks on the dynamic batch of kept samples, now eager.
