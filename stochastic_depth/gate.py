@@ -198,14 +198,14 @@ def _eager_frame(function: Callable) -> Callable:
     """
     disabled = torch.compiler.disable(function, recursive=False, reason=_GRAPH_BREAK_REASON)
 
+    @_not_a_frame
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # a traced caller: the graph break
             return disabled(*args, **kwargs)
         return function(*args, **kwargs)
 
-    skip_code(function.__code__)
-    skip_code(call.__code__)
+    _not_a_frame(function)
     return call
 
 
