@@ -40,7 +40,7 @@ import image_data
 import train
 from atomic_files import write_json_atomically, write_text_atomically
 from resnet_with_stochastic_depth import stochastic_depth_state
-from run_statistics import holm_adjusted, paired_t_p_value
+from run_statistics import holm_adjusted, paired_t_p_value, pairs_to_detect
 from stochastic_depth.evaluation_network import keep_blocks, recompute_batchnorm_statistics, residual_blocks
 
 # Training images used to re-estimate BatchNorm statistics and to measure the training error of the
@@ -57,6 +57,9 @@ ARMS = ("plain", "sd", "early", "late")
 # (the last epoch's, as training measured it) is at most this many points above the median of its arm's runs in
 # its cell. A run that fails it is reported, and kept in the comparisons.
 TRAINING_CRITERION_POINTS = 5.0
+# The smallest difference in test error (points) each cell of the schedule map should detect at 80% power (issue 22);
+# a cell whose spread puts it out of reach says how many paired seeds would reach it.
+DETECTABLE_GOAL_POINTS = 3.0
 
 
 def load_trained(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], Any]:
@@ -277,7 +280,9 @@ def schedule_map(root: str | Path, control: str = "plain") -> list[dict[str, Any
     control in points, its 95% interval and the difference detectable at 80% power; ``epoch_time_ratio``),
     the paired t test's ``p_value`` of the final test error and ``p_value_holm``, adjusted over the arms
     of the cell; ``verdict``: "higher" / "lower" (test error with the arm, Holm p < 0.05) or "no
-    difference detectable"; the evaluation network's training error (``evaluation.json``, first 2,048
+    difference detectable"; ``seeds_for_goal``, the paired seeds that would detect
+    :data:`DETECTABLE_GOAL_POINTS` at 80% power with the observed spread of the final test error's
+    differences (``run_statistics.pairs_to_detect``; None beyond 1,000); the evaluation network's training error (``evaluation.json``, first 2,048
     training images, no augmentation) as ``train_eval`` where every run has one; ``criterion``, the
     :func:`training_criterion` of the cell's runs of both groups, and ``failed_runs``.
     """
@@ -300,6 +305,7 @@ def schedule_map(root: str | Path, control: str = "plain") -> list[dict[str, Any
                 "criterion": [c for c in criterion if c["arm"] in (arm, control) and c["seed"] in seeds],
             }  # fmt: skip
             row["failed_runs"] = [f"{c['arm']}-seed{c['seed']}" for c in row["criterion"] if not c["passed"]]
+            row["seeds_for_goal"] = pairs_to_detect(final["difference_points"]["sd"], DETECTABLE_GOAL_POINTS)
             evaluations = {m: [groups[m][s] / "evaluation.json" for s in seeds] for m in (control, arm)}
             if all(p.is_file() for paths in evaluations.values() for p in paths):
                 plain, treated = ([100 * json.loads(p.read_text())["train_error"] for p in evaluations[m]] for m in (control, arm))
@@ -340,23 +346,32 @@ ARM_NAMES = {"sd": "stochastic depth throughout", "early": "early stochastic dep
 
 
 def schedule_verdict(row: dict[str, Any]) -> str:
-    """One line: the cell, the arm, the mean test errors, the difference with its interval, Holm's p, the verdict."""
+    """One line: the cell, the arm, the mean test errors, the difference with its interval, Holm's p, the verdict;
+    the runs failing the training criterion, and the seeds that would detect :data:`DETECTABLE_GOAL_POINTS` if
+    the cell cannot."""
     d = row["errors"]["final test error"]
     diff = d["difference_points"]
     if row["verdict"] == "no difference detectable":
         word = compare_runs.verdict_text({**diff, "verdict": row["verdict"]})  # with the detectable size, if defined
     else:
         word = f"test error {row['verdict']} with {row['arm']}"
-    failed = f"; runs failing the training criterion: {', '.join(row['failed_runs'])}" if row["failed_runs"] else ""
+    notes = f"; runs failing the training criterion: {', '.join(row['failed_runs'])}" if row["failed_runs"] else ""
+    if not diff["min_detectable"] <= DETECTABLE_GOAL_POINTS:  # also where it is undefined
+        notes += f"; {_seeds(row['seeds_for_goal'])} paired seeds would detect {DETECTABLE_GOAL_POINTS:g} points at this spread"
     return (f"ResNet-{row['depth']}, {row['train_images']:,} images, {ARM_NAMES.get(row['arm'], row['arm'])}: "
             f"plain {fmean(d['control']):.2f}%, {row['arm']} {fmean(d['treatment']):.2f}%, difference "
             f"{diff['mean']:+.2f} points [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}], Holm p = "
-            f"{row['p_value_holm']:.3g} ({len(row['seeds'])} seeds): {word}{failed}")
+            f"{row['p_value_holm']:.3g} ({len(row['seeds'])} seeds): {word}{notes}")
 
 
 def _points(value: float) -> str:
     """`value` with two decimals, or "-" where it is undefined (a detectable size from two seeds)."""
     return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def _seeds(count: int | None) -> str:
+    """A number of seeds, or "over 1,000" where :func:`pairs_to_detect` found none."""
+    return "over 1,000" if count is None else str(count)
 
 
 def schedule_table(rows: list[dict[str, Any]]) -> str:
@@ -370,17 +385,17 @@ def schedule_table(rows: list[dict[str, Any]]) -> str:
 
     lines = [
         "| depth | arm | seeds | final test error, plain / arm (%) | arm - plain, points [95% CI] | Holm p | "
-        "detectable (points) | test error at best val.: arm - plain | training error (last epoch), plain / arm (%) | "
+        f"detectable (points) | seeds to detect {DETECTABLE_GOAL_POINTS:g} points | test error at best val.: arm - plain | training error (last epoch), plain / arm (%) | "
         "evaluation network's training error, plain / arm (%) | runs failing the training criterion | "
         "epoch-time ratio arm / plain |",
-        "|---:|---|---:|---|---|---:|---:|---|---|---|---|---|",
+        "|---:|---|---:|---|---|---:|---:|---:|---|---|---|---|---|",
     ]
     for row in rows:
         errors, ratio = row["errors"], row["epoch_time_ratio"]
         final = errors["final test error"]
         lines.append(
             f"| {row['depth']} | {row['arm']} | {len(row['seeds'])} | {means(final)} | {interval(final)} | "
-            f"{row['p_value_holm']:.3g} | {_points(final['difference_points']['min_detectable'])} | "
+            f"{row['p_value_holm']:.3g} | {_points(final['difference_points']['min_detectable'])} | {_seeds(row['seeds_for_goal'])} | "
             f"{interval(errors['test error at best val. epoch'])} | {means(errors['final training error'])} | "
             f"{means(row['train_eval']) if 'train_eval' in row else '-'} | {', '.join(row['failed_runs']) or 'none'} | "
             f"{ratio['mean']:.2f} [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}] |"

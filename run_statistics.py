@@ -6,6 +6,7 @@ imports neither torch nor the models, so tools that only read stored results sta
 - :func:`mean_interval`: a mean and its Student t confidence interval;
 - :func:`paired_difference`, :func:`paired_ratio`: treatment against control, paired by seed;
 - :func:`minimum_detectable_difference`: the smallest difference a paired t test finds at 80% power;
+  :func:`pairs_to_detect`, the number of pairs that brings it down to a target;
 - :func:`paired_t_p_value`, :func:`holm_adjusted`: p-values, adjusted for several comparisons;
 - :func:`spread` and :func:`fluctuation`: how much values vary, around their mean and from one
   iteration to the next (:func:`shared_fluctuation`, :func:`own_fluctuation` split the latter
@@ -27,6 +28,7 @@ __all__ = [
     "mean_interval",
     "minimum_detectable_difference",
     "own_fluctuation",
+    "pairs_to_detect",
     "paired_difference",
     "paired_ratio",
     "paired_t_p_value",
@@ -53,7 +55,9 @@ def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power:
 
     def shortfall(effect: float) -> float:
         shift = effect / (sd / math.sqrt(n))
-        return stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift) - power
+        # the chance of rejecting on the wrong side; scipy's noncentral t gives NaN for it far out (it is ~0 there)
+        wrong_side = float(np.nan_to_num(stats.nct.cdf(-critical, df, shift), nan=0.0))
+        return stats.nct.sf(critical, df, shift) + wrong_side - power
 
     high = sd
     while shortfall(high) < 0:  # widen the bracket until the power is reached
@@ -61,6 +65,27 @@ def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power:
         if not math.isfinite(shortfall(high)):
             return float("nan")  # too few seeds: the noncentral t cannot be evaluated that far out
     return float(optimize.brentq(shortfall, 0.0, high))
+
+
+def pairs_to_detect(sd: float, difference: float, alpha: float = 0.05, power: float = 0.8, most: int = 1000) -> int | None:
+    """Fewest pairs whose :func:`minimum_detectable_difference` is at most `difference`.
+
+    `sd` is the standard deviation of the paired differences (a pilot's estimate), `difference` the
+    smallest true difference the study should find with `power`, both in the same units. ``None`` if
+    `most` pairs are not enough (or `sd` is not finite); 2 if `sd` is 0.
+    """
+    if not math.isfinite(sd) or difference <= 0:
+        return None
+    low, high = 2, most  # the detectable difference falls as pairs are added: bisect for the first that reaches it
+    if minimum_detectable_difference(sd, high, alpha, power) > difference:
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        if minimum_detectable_difference(sd, middle, alpha, power) <= difference:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ from test_compare_runs import write_run
 from test_train import cifar_argv, fake_cifar  # noqa: F401  (the fixture)
 
 import regime_study
+import run_statistics
 import train
 from resnet_with_stochastic_depth import stochastic_depth_state
 
@@ -114,6 +115,19 @@ def test_the_schedule_map_compares_every_arm_with_plain_and_adjusts_by_holm(tmp_
     assert "early stochastic depth" in regime_study.schedule_verdict(rows[1]) and "80% power at" in regime_study.schedule_verdict(rows[1])
     assert all(r["failed_runs"] == [] for r in rows)
     assert "| 20 | sd | 5 |" in regime_study.schedule_table(rows)
+
+
+def test_a_cell_too_noisy_for_the_goal_says_how_many_seeds_would_reach_it(tmp_path):
+    plain = [0.10, 0.11, 0.10, 0.12, 0.11]
+    noisy = [e + d for e, d in zip(plain, [0.0, 0.04, -0.04, 0.02, -0.02])]  # differences' sd: sqrt(10) points
+    write_arms(tmp_path, {"plain": plain, "sd": [e + 0.001 for e in plain], "late": noisy})
+    rows = {r["arm"]: r for r in regime_study.schedule_map(tmp_path)}
+    needed = run_statistics.pairs_to_detect(10 ** 0.5, regime_study.DETECTABLE_GOAL_POINTS)
+    assert rows["late"]["seeds_for_goal"] == needed and needed > 5
+    assert f"; {needed} paired seeds would detect 3 points" in regime_study.schedule_verdict(rows["late"])
+    assert f"| {needed} |" in regime_study.schedule_table([rows["late"]])
+    assert rows["sd"]["seeds_for_goal"] == 2  # every difference the same: two seeds detect any size
+    assert "paired seeds would detect" not in regime_study.schedule_verdict(rows["sd"])
 
 
 def test_a_run_that_fails_the_training_criterion_is_reported_and_kept(tmp_path):

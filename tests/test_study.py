@@ -107,6 +107,26 @@ def test_the_minimum_detectable_difference_is_detected_80_percent_of_the_time():
     assert abs(detected / trials - 0.8) < 4.5 * math.sqrt(0.8 * 0.2 / trials)
 
 
+def test_the_detectable_difference_of_many_pairs_approaches_the_normal_formula():
+    # scipy's noncentral t is NaN far in its lower tail; the detectable size must still come out
+    normal = (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) / math.sqrt(1000)
+    assert run_statistics.minimum_detectable_difference(1.0, 1000) == pytest.approx(normal, rel=0.01)
+
+
+@pytest.mark.parametrize("sd, target", [(1.0, 1.0), (3.5, 3.0), (0.5, 2.0), (5.0, 1.0)])
+def test_pairs_to_detect_is_the_first_number_of_pairs_that_reaches_the_target(sd, target):
+    n = run_statistics.pairs_to_detect(sd, target)
+    assert run_statistics.minimum_detectable_difference(sd, n) <= target
+    fewer = run_statistics.minimum_detectable_difference(sd, n - 1)
+    assert math.isnan(fewer) or fewer > target
+
+
+def test_pairs_to_detect_says_none_when_no_study_size_is_enough():
+    assert run_statistics.pairs_to_detect(1.0, 0.01) is None  # about 78,000 pairs
+    assert run_statistics.pairs_to_detect(float("nan"), 1.0) is None
+    assert run_statistics.pairs_to_detect(0.0, 1.0) == 2
+
+
 def test_holm_adjustment_against_a_hand_computed_case():
     assert study.holm_adjusted([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
 
