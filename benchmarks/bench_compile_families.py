@@ -21,7 +21,9 @@ order each round:
 
 The table gives each median step (wall clock, the default number of threads), its ratio
 to the masking step of the same kind (eager to eager, compiled to compiled) and to the
-eager converted step, the wall time of the warm-up steps (the compiled variants compile
+eager converted step, for the converted variants the same ratio paired by round (the
+geometric mean of each round's ratio, with its 95% interval: steps timed side by side share
+the machine's state, so the interval says whether a difference is more than noise), the wall time of the warm-up steps (the compiled variants compile
 there), and the FLOP floor (``stochastic_depth.counting.gate_flop_floor``). On CUDA,
 ``--autocast bf16`` adds the compiled variants under bf16 autocast and ``--cuda-graphs``
 those compiled with ``mode="reduce-overhead"`` (after the float32 variants of every family,
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 
 from atomic_files import write_json_atomically
 from resnet_with_stochastic_depth import add_stochastic_depth
+from run_statistics import paired_ratio
 from stochastic_depth.compilation import compile_branches
 from stochastic_depth.counting import gate_flop_floor
 from training import synchronize
@@ -189,6 +192,7 @@ def run_group(result: dict, group: tuple, device: torch.device, image_size: int,
         result["eager_converted_s"] = median[CONVERTED_EAGER]
     # Compiled variants against the faster of the two compiled masking ones.
     compiled_masking = min((m for m in (median.get(MASKING_COMPILED), median.get(MASKING_UNLIMITED)) if m), default=None)
+    paired = paired_to_masking(results)
     for name, r in results.items():
         masking = compiled_masking if "compile" in name else median.get(MASKING_EAGER)
         result["results"].append({
@@ -197,6 +201,7 @@ def run_group(result: dict, group: tuple, device: torch.device, image_size: int,
             "ratio_to_masking": _ratio(median[name], masking),
             # (the CUDA-graph group has no eager variants: the float32 eager converted step)
             "ratio_to_eager_converted": _ratio(median[name], result.get("eager_converted_s")),
+            "paired_ratio_to_masking": paired.get(name),
             "warmup_s": r["warmup_s"],
             "flop_floor": result["flop_floor"] if name.startswith("converted") else None,
             "error": r["error"],
@@ -204,6 +209,26 @@ def run_group(result: dict, group: tuple, device: torch.device, image_size: int,
         })
     result["wall_s"] += time.perf_counter() - started
     torch._dynamo.reset()  # one group's compiled code at a time
+
+
+def paired_to_masking(results: dict) -> dict:
+    """Per converted variant of one group: ``{"mean", "ci95"}`` of its step over the masking step of the same round.
+
+    The masking step is the eager one for the eager variant and, for compiled ones, the faster of the two
+    compiled masking steps of that round (as the medians compare). `results` is :func:`time_variants`'s; a
+    variant whose rounds do not pair up with its reference's (one of them failed part-way) is left out.
+    """
+    samples = {name: r["samples_s"] for name, r in results.items()}
+    compiled = [s for s in (samples.get(MASKING_COMPILED), samples.get(MASKING_UNLIMITED)) if s]
+    references = {"eager": samples.get(MASKING_EAGER),
+                  "compiled": [min(steps) for steps in zip(*compiled)] if compiled else None}  # fmt: skip
+    out = {}
+    for name, steps in samples.items():
+        reference = references["compiled" if "compile" in name else "eager"]
+        if name.startswith("converted") and steps and reference and len(steps) == len(reference) > 1:
+            ratio = paired_ratio(steps, reference)
+            out[name] = {"mean": ratio["mean"], "ci95": ratio["ci95"]}
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -217,7 +242,8 @@ def autocast_name(dtype: torch.dtype) -> str:
 def print_family(result: dict) -> None:
     print(f"\n{result['family']}, drop rate {result['drop_rate']:g}: step {result['total_gflop']:.1f} GFLOP, "
           f"FLOP floor {result['flop_floor']:.3f}")
-    print(f"  {'variant':46s} {'median ms':>10s} {'/ masking':>10s} {'/ eager conv.':>13s} {'warm-up s':>10s}")
+    print(f"  {'variant':46s} {'median ms':>10s} {'/ masking':>10s} {'/ eager conv.':>13s} {'warm-up s':>10s}"
+          f"  {'paired / masking [95% CI]':>26s}")
     if result["skipped_groups"]:
         print(f"  skipped (over the time budget): {', '.join(result['skipped_groups'])}")
     for row in result["results"]:
@@ -227,7 +253,9 @@ def print_family(result: dict) -> None:
         cells = [f"{1e3 * row['median_s']:10.1f}"] + [
             f"{row[k]:{w}.3f}" if row[k] is not None else " " * w
             for k, w in (("ratio_to_masking", 10), ("ratio_to_eager_converted", 13))]
-        print(f"  {row['variant']:46s} {' '.join(cells)} {row['warmup_s']:10.1f}")
+        paired = row.get("paired_ratio_to_masking")
+        interval = f"{paired['mean']:.3f} [{paired['ci95'][0]:.3f}, {paired['ci95'][1]:.3f}]" if paired else ""
+        print(f"  {row['variant']:46s} {' '.join(cells)} {row['warmup_s']:10.1f}  {interval:>26s}")
 
 
 def main() -> None:

@@ -38,3 +38,22 @@ def test_inductor_options_reach_every_compiled_variant_but_the_cuda_graph_one():
     groups = groups_of_variants("inductor", torch.bfloat16, True, {"force_layout_optimization": True})
     assert [g[2].get("options") for g in groups] == [{"force_layout_optimization": True}] * 2 + [None]
     assert groups_of_variants("inductor", None, False)[0][2] == {"backend": "inductor"}
+
+
+def test_converted_steps_are_compared_with_the_masking_step_of_the_same_round():
+    from benchmarks import bench_compile_families as bench
+    from run_statistics import paired_ratio
+
+    def timed(*steps):
+        return {"samples_s": list(steps), "warmup_s": 0.0, "error": None}
+
+    results = {bench.MASKING_EAGER: timed(1.0, 2.0, 1.0), bench.CONVERTED_EAGER: timed(0.8, 1.7, 0.9),
+               bench.MASKING_COMPILED: timed(1.0, 3.0, 1.0), bench.MASKING_UNLIMITED: timed(2.0, 1.5, 1.0),
+               bench.IDIOM: timed(0.9, 1.2, 0.8), bench.REGIONAL: timed(0.9, 1.2)}  # fmt: skip
+    paired = bench.paired_to_masking(results)
+    assert paired[bench.CONVERTED_EAGER] == {k: paired_ratio([0.8, 1.7, 0.9], [1.0, 2.0, 1.0])[k] for k in ("mean", "ci95")}
+    # the compiled reference of each round is the faster compiled masking step: 1.0, 1.5, 1.0
+    assert paired[bench.IDIOM]["mean"] == pytest.approx((0.9 * 0.8 * 0.8) ** (1 / 3))
+    low, high = paired[bench.IDIOM]["ci95"]
+    assert low < paired[bench.IDIOM]["mean"] < high
+    assert bench.REGIONAL not in paired and bench.MASKING_EAGER not in paired  # rounds that do not pair; not converted
