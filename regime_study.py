@@ -463,10 +463,10 @@ def plot_map(rows: list[dict[str, Any]], path: str | Path | None = None):
 
 
 def depth_curves(root: str | Path, depth: int, size: int) -> dict[str, list[dict[str, Any]]]:
-    """The ``depth_curve.json`` of every run of a cell, per model: ``{"plain": [...], "sd": [...]}``."""
-    groups = cells(root).get((depth, size), {"plain": {}, "sd": {}})
-    return {m: [json.loads((f / "depth_curve.json").read_text()) for _, f in sorted(groups[m].items())
-                if (f / "depth_curve.json").is_file()] for m in ("plain", "sd")}  # fmt: skip
+    """The ``depth_curve.json`` of every run of a cell, per arm of :data:`ARMS`: ``{"plain": [...], "sd": [...], ...}``."""
+    groups = cells(root).get((depth, size), {})
+    return {m: [json.loads((f / "depth_curve.json").read_text()) for _, f in sorted(groups.get(m, {}).items())
+                if (f / "depth_curve.json").is_file()] for m in ARMS}  # fmt: skip
 
 
 def curve_summary(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -493,13 +493,15 @@ def curve_summary(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_depth_curve(curves: dict[str, list[dict[str, Any]]], title: str, path: str | Path | None = None):
-    """Test error against the fraction of blocks kept, plain vs stochastic; inference-time ratio on a second axis."""
+    """Test error against the fraction of blocks kept, per arm with curves; inference-time ratio on a second axis."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 6))
     twin = ax.twinx()
-    for model, color, label in (("plain", "C0", "plain"), ("sd", "C3", "stochastic depth")):
-        if not curves[model]:
+    labels = {"plain": "plain", "sd": "stochastic depth", "early": "early stochastic depth", "late": "late stochastic depth"}
+    for model, color in zip(ARMS, ("C0", "C3", "C2", "C1")):
+        label = labels[model]
+        if not curves.get(model):
             continue
         summary = curve_summary(curves[model])
         x = [s["kept_fraction"] for s in summary]
@@ -513,7 +515,7 @@ def plot_depth_curve(curves: dict[str, list[dict[str, Any]]], title: str, path: 
     ax.set_ylabel("test error (%)")
     ax.invert_xaxis()
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: the curves fill the axes
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
@@ -542,6 +544,14 @@ def write_schedule_map(root: Path) -> dict[str, Any]:
     if rows:
         plot_schedule_map(rows, root / "schedule_map.png")
     print(f"wrote {root}/schedule_map.json, .md" + (", .png" if rows else " (no cell with two paired seeds to draw)"))
+    if rows:  # the deepest cell's test-time depth curve (regime_study.py evaluate writes each run's)
+        depth = max(r["depth"] for r in rows)
+        size = max(r["train_images"] for r in rows if r["depth"] == depth)
+        curves = depth_curves(root, depth, size)
+        if any(curves.values()):
+            path = root / f"depth_curve_d{depth}-n{size}.png"
+            plot_depth_curve(curves, f"ResNet-{depth}, {size:,} training images: blocks removed at test time", path)
+            print(f"wrote {path} ({', '.join(f'{m}: {len(c)} runs' for m, c in curves.items() if c)})")
     return result
 
 

@@ -172,3 +172,19 @@ def test_only_a_cell_with_every_arm_and_seed_is_complete(tmp_path):
     write_arms(tmp_path / "more", {"late": [0.1] * 5})
     (tmp_path / "more" / "d20-n5504" / "late-seed4").rename(tmp_path / "d20-n5504" / "late-seed4")
     assert regime_study.schedule_status(tmp_path)["d20-n5504"]["complete"]
+
+
+def test_the_schedule_map_draws_the_deepest_cells_depth_curve_for_every_arm(tmp_path):
+    write_arms(tmp_path, {arm: [0.1, 0.11] for arm in regime_study.ARMS}, depth=20)
+    write_arms(tmp_path, {arm: [0.1, 0.11] for arm in regime_study.ARMS}, depth=56)
+    for arm, error in zip(regime_study.ARMS, (0.10, 0.12, 0.11, 0.13)):
+        curve = {"blocks": 27, "test_images": 10, "clock": "process",
+                 "last": [{"removed": 0, "test_error": error, "seconds": 2.0},
+                          {"removed": 3, "test_error": error + 0.2, "seconds": 1.8}],
+                 "random": [{"removed": 3, "blocks_removed": [1, 5, 9], "test_error": error + 0.05, "seconds": 1.8}]}  # fmt: skip
+        (tmp_path / "d56-n5504" / f"{arm}-seed0" / "depth_curve.json").write_text(json.dumps(curve))
+    curves = regime_study.depth_curves(tmp_path, 56, 5504)
+    assert {arm: len(c) for arm, c in curves.items()} == dict.fromkeys(regime_study.ARMS, 1)
+    assert regime_study.curve_summary(curves["late"])[1]["last_error"] == pytest.approx(33.0)
+    regime_study.write_schedule_map(tmp_path)
+    assert (tmp_path / "depth_curve_d56-n5504.png").is_file() and not (tmp_path / "depth_curve_d20-n5504.png").exists()
