@@ -364,6 +364,42 @@ def schedule_verdict(row: dict[str, Any]) -> str:
             f"{row['p_value_holm']:.3g} ({len(row['seeds'])} seeds): {word}{notes}")
 
 
+# The published claims the schedule map tests (issue 22): (who, claim, which cell, arm, the verdict that supports it).
+PAPER_CLAIMS = (
+    ("Huang et al. 2016", "stochastic depth lowers the test error of deep ResNets", "deepest", "sd", "lower"),
+    ("Liu et al. 2023", "standard stochastic depth hurts small models", "shallowest", "sd", "higher"),
+    ("Liu et al. 2023", "early stochastic depth helps small models", "shallowest", "early", "lower"),
+    ("Liu et al. 2023", "late stochastic depth helps large models that overfit", "deepest", "late", "lower"),
+)
+
+
+def paper_claims(rows: list[dict[str, Any]], cells_designed=SCHEDULE_CELLS) -> list[str]:
+    """One line per claim of :data:`PAPER_CLAIMS`, judged on `rows` (:func:`schedule_map`'s, complete cells only).
+
+    "Deepest" and "shallowest" are the depths of the map's design (`cells_designed`), so that a claim about
+    deep networks is not judged on a shallow cell while the deep one is pending. A claim holds where the cell's verdict
+    is the one it predicts, is contradicted where the verdict is the opposite, and is neither where no
+    difference was detectable (the line then gives the size the seeds could have detected). A claim whose
+    cell is not in `rows` is left out.
+    """
+    depths = {"deepest": max(d for d, _ in cells_designed), "shallowest": min(d for d, _ in cells_designed)}
+    lines = []
+    for who, claim, which, arm, supports in PAPER_CLAIMS:
+        row = next((r for r in rows if r["depth"] == depths[which] and r["arm"] == arm), None)
+        if row is None:
+            continue
+        diff = row["errors"]["final test error"]["difference_points"]
+        if row["verdict"] == supports:
+            word = "holds"
+        elif row["verdict"] == "no difference detectable":
+            word = f"not shown: no difference detectable (80% power at {_points(diff['min_detectable'])} points)"
+        else:
+            word = "contradicted"
+        lines.append(f"{who}, {claim}: ResNet-{row['depth']}, {row['arm']} - plain {diff['mean']:+.2f} points "
+                     f"[{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}] ({len(row['seeds'])} seeds): {word}")
+    return lines
+
+
 def _points(value: float) -> str:
     """`value` with two decimals, or "-" where it is undefined (a detectable size from two seeds)."""
     return "-" if math.isnan(value) else f"{value:.2f}"
@@ -537,8 +573,13 @@ def write_schedule_map(root: Path) -> dict[str, Any]:
     for cell, state in status.items():
         print(f"{cell}: {state['finished']} of {state['expected']} runs finished"
               + ("" if state["complete"] else f"; pending: {', '.join(state['missing'])}"))
+    complete = [r for r in rows if status.get(f"d{r['depth']}-n{r['train_images']}", {}).get("complete")]
+    claims = paper_claims(complete)
+    if claims:
+        print("\nThe papers' claims, on the complete cells:")
+        print("\n".join(claims))
     result = {"training_criterion_points": TRAINING_CRITERION_POINTS, "status": status, "finished_runs": finished,
-              "rows": rows}  # fmt: skip
+              "rows": rows, "paper_claims": claims}  # fmt: skip
     write_json_atomically(root / "schedule_map.json", json.loads(json.dumps(result, default=str)))
     write_text_atomically(root / "schedule_map.md", schedule_table(rows) + "\n")
     if rows:

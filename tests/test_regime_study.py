@@ -188,3 +188,25 @@ def test_the_schedule_map_draws_the_deepest_cells_depth_curve_for_every_arm(tmp_
     assert regime_study.curve_summary(curves["late"])[1]["last_error"] == pytest.approx(33.0)
     regime_study.write_schedule_map(tmp_path)
     assert (tmp_path / "depth_curve_d56-n5504.png").is_file() and not (tmp_path / "depth_curve_d20-n5504.png").exists()
+
+
+def test_the_papers_claims_are_judged_by_the_verdicts_of_the_cells(tmp_path):
+    plain = [0.100, 0.110, 0.105, 0.098, 0.102]
+    write_arms(tmp_path, {"plain": plain, "sd": [e + 0.02 + 0.001 * i for i, e in enumerate(plain)],  # higher
+                          "early": [e - 0.01 - 0.001 * i for i, e in enumerate(plain)]}, depth=20)  # lower
+    write_arms(tmp_path, {"plain": plain, "sd": [e + 0.02 + 0.001 * i for i, e in enumerate(plain)],  # higher
+                          "late": [e + 0.001 * (-1) ** i for i, e in enumerate(plain)]}, depth=56)  # no difference
+    lines = regime_study.paper_claims(regime_study.schedule_map(tmp_path))
+    assert len(lines) == 4
+    huang, small_sd, small_early, large_late = lines
+    assert huang.startswith("Huang et al. 2016") and "ResNet-56, sd" in huang and huang.endswith("contradicted")
+    assert "ResNet-20, sd" in small_sd and small_sd.endswith("holds")
+    assert "ResNet-20, early" in small_early and small_early.endswith("holds")
+    assert "ResNet-56, late" in large_late and "not shown: no difference detectable (80% power at" in large_late
+    assert regime_study.paper_claims([]) == []
+    # with the deep cell pending, only the claims about the shallow one are judged
+    shallow_only = [r for r in regime_study.schedule_map(tmp_path) if r["depth"] == 20]
+    assert [line.split(":")[0] for line in regime_study.paper_claims(shallow_only)] == [
+        "Liu et al. 2023, standard stochastic depth hurts small models",
+        "Liu et al. 2023, early stochastic depth helps small models",
+    ]
