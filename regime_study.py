@@ -282,8 +282,8 @@ def schedule_map(root: str | Path, control: str = "plain") -> list[dict[str, Any
     of the cell; ``verdict``: "higher" / "lower" (test error with the arm, Holm p < 0.05) or "no
     difference detectable"; ``seeds_for_goal``, the paired seeds that would detect
     :data:`DETECTABLE_GOAL_POINTS` at 80% power with the observed spread of the final test error's
-    differences (``run_statistics.pairs_to_detect``; None beyond 1,000); the evaluation network's training error (``evaluation.json``, first 2,048
-    training images, no augmentation) as ``train_eval`` where every run has one; ``criterion``, the
+    differences (``run_statistics.pairs_to_detect``; None beyond 1,000); the evaluation network's
+    training error (``evaluation.json``, first 2,048 training images, no augmentation) as ``train_eval`` where every run has one; ``criterion``, the
     :func:`training_criterion` of the cell's runs of both groups, and ``failed_runs``.
     """
     rows = []
@@ -376,11 +376,11 @@ PAPER_CLAIMS = (
 def paper_claims(rows: list[dict[str, Any]], cells_designed=SCHEDULE_CELLS) -> list[str]:
     """One line per claim of :data:`PAPER_CLAIMS`, judged on `rows` (:func:`schedule_map`'s, complete cells only).
 
-    "Deepest" and "shallowest" are the depths of the map's design (`cells_designed`), so that a claim about
-    deep networks is not judged on a shallow cell while the deep one is pending. A claim holds where the cell's verdict
-    is the one it predicts, is contradicted where the verdict is the opposite, and is neither where no
-    difference was detectable (the line then gives the size the seeds could have detected). A claim whose
-    cell is not in `rows` is left out.
+    "Deepest" and "shallowest" are the depths of the map's design (`cells_designed`), so that a claim
+    about deep networks is not judged on a shallow cell while the deep one is pending. A claim holds
+    where the cell's verdict is the one it predicts, is contradicted where the verdict is the opposite,
+    and is neither where no difference was detectable (the line then gives the size the seeds could
+    have detected). A claim whose cell is not in `rows` is left out.
     """
     depths = {"deepest": max(d for d, _ in cells_designed), "shallowest": min(d for d, _ in cells_designed)}
     lines = []
