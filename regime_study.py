@@ -534,11 +534,10 @@ def plot_depth_curve(curves: dict[str, list[dict[str, Any]]], title: str, path: 
 
     fig, ax = plt.subplots(figsize=(7, 6))
     twin = ax.twinx()
-    labels = {"plain": "plain", "sd": "stochastic depth", "early": "early stochastic depth", "late": "late stochastic depth"}
     for model, color in zip(ARMS, ("C0", "C3", "C2", "C1")):
-        label = labels[model]
         if not curves.get(model):
             continue
+        label = ARM_NAMES.get(model, model)
         summary = curve_summary(curves[model])
         x = [s["kept_fraction"] for s in summary]
         ax.plot(x, [s["last_error"] for s in summary], "o-", color=color, label=f"{label}: last blocks removed")

@@ -23,8 +23,8 @@ The table gives each median step (wall clock, the default number of threads), it
 to the masking step of the same kind (eager to eager, compiled to compiled) and to the
 eager converted step, for the converted variants the same ratio paired by round (the
 geometric mean of each round's ratio, with its 95% interval: steps timed side by side share
-the machine's state, so the interval says whether a difference is more than noise), the wall time of the warm-up steps (the compiled variants compile
-there), and the FLOP floor (``stochastic_depth.counting.gate_flop_floor``). On CUDA,
+the machine's state, so the interval says whether a difference is more than noise), the
+wall time of the warm-up steps (the compiled variants compile there), and the FLOP floor (``stochastic_depth.counting.gate_flop_floor``). On CUDA,
 ``--autocast bf16`` adds the compiled variants under bf16 autocast and ``--cuda-graphs``
 those compiled with ``mode="reduce-overhead"`` (after the float32 variants of every family,
 and only within ``--budget-s``, so that the run ends in under 8 minutes); a variant that
