@@ -14,36 +14,27 @@ Public API
     ResNets). Named constructors: ``ResNet.imagenet(depth)`` (18, 34, 50, 101, 152)
     and ``ResNet.cifar(depth)`` (20, 32, 44, 56, 110, 1202), likewise on
     ``StochasticResNet``.
-``add_stochastic_depth``
-    Turns a torchvision ResNet (or a ``ResNet`` from here) into a stochastic one,
-    keeping its weights; also torchvision's ConvNeXt, Swin and EfficientNet and timm's
-    ViT, ConvNeXt and ResNet, whose blocks ``stochastic_depth.library_blocks`` converts.
-``StochasticDepth``, ``set_step``, ``StochasticDepthState``, ``stochastic_depth_state``,
-``stochastic_depth_gates``, ``survival_probabilities``, ``draw_decision``, ``key_seed``
-    The gate and what goes with it, defined in ``stochastic_depth.gate`` and importable
-    from here too.
-``linear_drop_warmup``, ``early_drops``, ``late_drops``
-    Schedules of the gates' ``drop_scale`` (a drop warm-up; drops only early or only late in
-    training), from ``stochastic_depth.schedules``.
-
-Imports run one way: ``stochastic_depth.gate`` and ``stochastic_depth.schedules`` (torch
-only) are the base, ``stochastic_depth.library_blocks`` builds on the gate, this module
-on both; ``compilation``, ``counting`` and ``evaluation_network`` in the package build
-on this module.
+``BasicBlock``, ``Bottleneck``
+    The blocks, gated classes (``stochastic_depth.library_blocks.GatedBlock``) that are also
+    the conversions of torchvision's ``BasicBlock`` and ``Bottleneck``.
+``add_stochastic_depth``, ``StochasticDepth``, ``set_step``, ``StochasticDepthState``,
+``stochastic_depth_state``, ``stochastic_depth_gates``, ``survival_probabilities``,
+``draw_decision``, ``key_seed``, ``linear_drop_warmup``, ``early_drops``, ``late_drops``
+    The library's, defined in the package ``stochastic_depth`` and importable from here too
+    (notebooks import them from here).
 
 How drops are drawn
 -------------------
 Each gate draws for itself when its block runs in training mode, as a fixed function of
 ``(seed, gate index, step, pass)`` (and the rank, in the row modes); a recomputation by
 activation checkpointing gets its pass's decision again. Processes agree because they share
-the seed and, with ``set_step``, the step: nothing is communicated. The full rule opens the
-section "The gate" of ``stochastic_depth/gate.py``.
+the seed and, with ``set_step``, the step: nothing is communicated. The rules open
+``stochastic_depth/gate.py``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Literal, Self
 
@@ -52,28 +43,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
+from stochastic_depth.conversion import add_stochastic_depth
 from stochastic_depth.gate import (
     DROP_MODES,
-    CompileOptions,
     Decision,
     DropMode,
     StochasticDepth,
     StochasticDepthState,
     SurvivalRule,
-    _check_mode,
-    _eager_frame,
-    _not_a_frame,
-    _seed_or_random,
-    compiled_region,
     draw_decision,
-    gate_in_layout,
     key_seed,
     set_step,
     stochastic_depth_gates,
     stochastic_depth_state,
     survival_probabilities,
 )
-from stochastic_depth.library_blocks import BlockConversion, library_block_conversions
+from stochastic_depth.library_blocks import GatedBlock
 from stochastic_depth.schedules import early_drops, late_drops, linear_drop_warmup
 
 __all__ = [
@@ -81,7 +66,6 @@ __all__ = [
     "AvgPoolZeroPad",
     "BasicBlock",
     "Bottleneck",
-    "CompileOptions",
     "Decision",
     "ResNet",
     "StochasticDepth",
@@ -153,12 +137,10 @@ class AvgPoolZeroPad(nn.Module):
         return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
 
 
-class _ResidualBlock(nn.Module):
-    """``relu(shortcut(x) + branch(x))``, with an optional stochastic-depth gate."""
+class ResidualBlock(GatedBlock):
+    """``relu(shortcut(x) + branch(x))``, the branch gated by ``stochastic_depth`` (None: not gated)."""
 
-    # Set by stochastic_depth.compilation.compile_branches on a block without a gate (a plain
-    # ResNet's): the torch.compile options of its branch. A gate holds its own.
-    compile_options: dict | None = None
+    GATES = ("stochastic_depth",)
 
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -171,39 +153,22 @@ class _ResidualBlock(nn.Module):
             "with torch.export.export(model.eval(), (images,)) instead, or torch.compile it."
         )
 
-    @_not_a_frame
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.stochastic_depth
-        if isinstance(gate, StochasticDepth) and gate.training and not isinstance(x, torch.fx.Proxy) \
-                and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
-            return self._train_forward(x, gate)
-        options = None if torch.compiler.is_compiling() else getattr(gate, "compile_options", self.compile_options)
-        if self.downsample is None:
-            shortcut = x
+        shortcut = self.run_shortcut(self.downsample, x)
+        if self.stochastic_depth is None:
+            out = shortcut + self.run_region(self.branch, x)
         else:
-            shortcut = self.downsample(x) if options is None else compiled_region(self.downsample, x, options=options)
-        if gate is not None:
-            out = gate_in_layout(gate, self.branch, x, shortcut)
-        elif options is not None:
-            out = shortcut + compiled_region(self.branch, x, options=options)
-        else:
-            out = shortcut + self.branch(x)
+            out = self.stochastic_depth(self.branch, x, shortcut)
         # A dropped block with an identity shortcut hands back x itself, which autograd
         # still needs: that one must not be overwritten by the in-place ReLU.
         return torch.relu(out) if out is x else self.relu(out)
 
-    @_eager_frame
-    def _train_forward(self, x: Tensor, gate: StochasticDepth) -> Tensor:
-        # Eager also under torch.compile, as the gate's training pass is: the downsampling
-        # shortcut and the branch are compiled regions shared by the blocks of their kind.
-        shortcut = x if self.downsample is None else compiled_region(self.downsample, x, options=gate.compile_options)
-        out = gate._train(self.branch, x, shortcut, True)
-        return torch.relu(out) if out is x else self.relu(out)
 
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR ResNets); converts torchvision's ``BasicBlock``."""
 
-class BasicBlock(_ResidualBlock):
-    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR ResNets)."""
-
+    LIBRARY_CLASS = tv_resnet.BasicBlock
+    BRANCHES = {"stochastic_depth": ("conv1", "bn1", "relu", "conv2", "bn2")}
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
@@ -221,9 +186,14 @@ class BasicBlock(_ResidualBlock):
         return self.bn2(self.conv2(out))
 
 
-class Bottleneck(_ResidualBlock):
-    """1x1 reduce, 3x3 (carrying the stride, as torchvision's "ResNet v1.5"), 1x1 expand."""
+class Bottleneck(ResidualBlock):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision's "ResNet v1.5"), 1x1 expand.
 
+    Converts torchvision's ``Bottleneck``.
+    """
+
+    LIBRARY_CLASS = tv_resnet.Bottleneck
+    BRANCHES = {"stochastic_depth": ("conv1", "bn1", "relu", "conv2", "bn2", "conv3", "bn3")}
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
@@ -248,7 +218,7 @@ class Bottleneck(_ResidualBlock):
 # Networks
 # ----------------------------------------------------------------------------------
 
-_IMAGENET_LAYOUTS: dict[int, tuple[type[_ResidualBlock], list[int]]] = {
+_IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], list[int]]] = {
     18: (BasicBlock, [2, 2, 2, 2]),
     34: (BasicBlock, [3, 4, 6, 3]),
     50: (Bottleneck, [3, 4, 6, 3]),
@@ -295,7 +265,7 @@ class ResNet(nn.Module):
 
     def __init__(
         self,
-        block: type[_ResidualBlock],
+        block: type[ResidualBlock],
         layers: Sequence[int],
         widths: Sequence[int] = (64, 128, 256, 512),
         in_channels: int = 3,
@@ -340,7 +310,7 @@ class ResNet(nn.Module):
             for m in self.blocks:
                 nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
-    def _make_layer(self, block: type[_ResidualBlock], planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block: type[ResidualBlock], planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         downsample: nn.Module | None = None
         if stride != 1 or self.in_planes != planes * block.expansion:
             if self.shortcut == "A":
@@ -403,9 +373,9 @@ class ResNet(nn.Module):
         return cls(BasicBlock, [n, n, n], widths=(16, 32, 64), stem="cifar", shortcut=shortcut, **kwargs)
 
     @property
-    def blocks(self) -> list[_ResidualBlock]:
+    def blocks(self) -> list[ResidualBlock]:
         """The residual blocks in forward order."""
-        return [m for m in self.modules() if isinstance(m, _ResidualBlock)]
+        return [m for m in self.modules() if isinstance(m, ResidualBlock)]
 
     def forward(self, x: Tensor) -> Tensor:
         # (torch.fx traces with a Proxy, whose shape is unknown: no check then.)
@@ -506,133 +476,3 @@ class StochasticResNet(ResNet):
         """
         active = [gate.last_active for gate in stochastic_depth_gates(self)]
         return None if any(a is None for a in active) else torch.stack(active)
-
-
-# ----------------------------------------------------------------------------------
-# Converting existing models
-# ----------------------------------------------------------------------------------
-
-
-def _as_residual_block(block: nn.Module) -> _ResidualBlock:
-    """Our block class holding the very same submodules as a torchvision block."""
-    if isinstance(block, _ResidualBlock):
-        return block
-    kind = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}.get(type(block))
-    if kind is None:
-        raise TypeError(f"cannot add stochastic depth to a {type(block).__name__}")
-    converted = kind.__new__(kind)
-    nn.Module.__init__(converted)
-    for name, child in block.named_children():
-        setattr(converted, name, child)
-    converted.downsample = block.downsample  # also when None, which is no child
-    converted.stochastic_depth = None
-    converted.train(block.training)
-    return converted
-
-
-def add_stochastic_depth(
-    model: nn.Module,
-    survival_rule: SurvivalRule | None = None,
-    p_last: float | None = None,
-    *,
-    mode: DropMode | None = None,
-    inverted: bool | None = None,
-    seed: int | None = None,
-) -> nn.Module:
-    """Give every residual block of a network a stochastic-depth gate, in place.
-
-    Works on torchvision's ResNets (``BasicBlock`` and ``Bottleneck``), on this
-    module's, and on the residual blocks of torchvision's ConvNeXt, Swin (V1, V2) and
-    EfficientNet (V1, V2) and timm's ViT, ConvNeXt and ResNet (see ``library_blocks``):
-    there the masking drop path (torchvision's ``StochasticDepth``, timm's ``DropPath``)
-    is replaced by gates, one per residual branch, and a dropped branch is not computed.
-    Weights, ``state_dict`` keys and the model's class stay as they were; blocks are
-    swapped for equivalent ones that hold the very same submodules. Nothing else is
-    added: no submodule, no hook, so containers that call the model's layers
-    (``IntermediateLayerGetter``, ``BackboneWithFPN``,
-    ``nn.Sequential(*list(model.children())[:-2])``) see the same children and get drops,
-    since each gate draws when its block runs. Calling it again on the same model
-    replaces the gates; each gate starts in its block's mode (train or eval).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The network; its residual blocks are numbered in ``model.modules()`` order.
-    survival_rule, p_last : optional
-        As for ``StochasticResNet``, over blocks (both gates of a transformer block
-        get the block's probability). When neither is given, a torchvision or timm
-        model keeps its own rates (each gate survives with ``1 - p`` of the drop-path
-        module it replaces) and a ResNet gets ``"linear"`` with ``p_last = 0.5``.
-    mode : {"batch", "row", "row_subset"}, optional
-        As for ``StochasticResNet``; by default ``"row_subset"`` for a torchvision or
-        timm model with drop paths (per sample, as the libraries drop), ``"batch"``
-        for a ResNet.
-    inverted : bool, optional
-        As for ``StochasticResNet``; by default True for the blocks with drop paths
-        (the libraries' convention: eval output unchanged), False for the ResNets.
-    seed
-        As for ``StochasticResNet``. Give sub-networks of one model converted by separate
-        calls different seeds (or None): gates are numbered from 0 in each call, so two
-        conversions with one seed would drop alike.
-
-    Returns
-    -------
-    torch.nn.Module
-        ``model`` itself.
-
-    Warns
-    -----
-    UserWarning
-        When a torchvision or timm model keeps its own rates and they are all 0 (its
-        default ``drop_path_rate`` or ``stochastic_depth_prob``): no gate would ever drop.
-
-    Raises
-    ------
-    TypeError
-        When the model has no block to convert, or holds a drop-path module in a block
-        that is not supported (before anything is changed).
-    """
-    # Check everything before changing the model, so that a bad argument leaves it as it was.
-    if mode is not None:
-        _check_mode(mode)
-    block_types = (_ResidualBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
-    conversions = [
-        BlockConversion(parent, name, _as_residual_block(child), ("stochastic_depth",), None)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, block_types)
-    ] + library_block_conversions(model)
-    if not conversions:
-        hint = " (Hugging Face transformers models are not converted yet)" if type(model).__module__.startswith("transformers.") else ""
-        raise TypeError(f"{type(model).__name__} has no residual blocks to add stochastic depth to{hint}")
-    position = {module: i for i, module in enumerate(model.modules())}
-    conversions.sort(key=lambda c: position[c.parent._modules[c.name]])
-    own_rates = all(c.drop_probs is not None for c in conversions)
-    if own_rates and survival_rule is None and p_last is None:
-        probs = [[1.0 - q for q in c.drop_probs] for c in conversions]
-        if all(p == 1.0 for block in probs for p in block):
-            warnings.warn(
-                f"{type(model).__name__} was built with a drop rate of 0 (timm's drop_path_rate, torchvision's "
-                "stochastic_depth_prob), and its rates are kept, so no block will ever be dropped: build it with "
-                "a rate, or pass p_last (and survival_rule) to add_stochastic_depth",
-                stacklevel=2,
-            )
-    else:
-        rule = "linear" if survival_rule is None else survival_rule
-        block_probs = survival_probabilities(len(conversions), rule, 0.5 if p_last is None else p_last)
-        probs = [[p] * len(c.gate_names) for c, p in zip(conversions, block_probs)]
-    if mode is None:
-        mode = "row_subset" if own_rates else "batch"
-
-    seed, seed_given = _seed_or_random(seed)
-    index = 0  # the gates' numbers, in block order, which tell their draws apart
-    for c, gate_probs in zip(conversions, probs):
-        block_inverted = (c.drop_probs is not None) if inverted is None else inverted
-        for gate_name, p in zip(c.gate_names, gate_probs):
-            gate = StochasticDepth(survival_prob=p, mode=mode, inverted=block_inverted, seed=seed, index=index)
-            gate.seed_given = seed_given
-            gate.train(c.block.training)  # a model converted in eval mode stays in eval mode
-            setattr(c.block, gate_name, gate)
-            index += 1
-        setattr(c.parent, c.name, c.block)
-    return model

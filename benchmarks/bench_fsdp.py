@@ -38,8 +38,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.distributed.fsdp import fully_shard
 
 from atomic_files import write_json_atomically
+from benchmarks.counters import collective_bytes
 from resnet_with_stochastic_depth import add_stochastic_depth, set_step, stochastic_depth_gates
-from stochastic_depth.distributed import branch_modules, collective_bytes, fully_shard_stochastic_depth, gated_blocks
+from stochastic_depth.distributed import branch_modules, fully_shard_stochastic_depth, gated_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 RATES = (0.4, 0.1)

@@ -26,12 +26,12 @@ import torch
 from atomic_files import write_json_atomically
 from benchmarks.bench_training_step import flop_floors, parse_image, time_steps
 from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_depth_gates
-from stochastic_depth.gate import _subset_size
+from stochastic_depth.gate import subset_size
 
 
 def _slice_forward(gate, branch, x, shortcut):
     """A row_subset gate that keeps the first k samples: the branch runs on a view of them."""
-    k = _subset_size(x.shape[0], gate.survival_prob)
+    k = subset_size(x.shape[0], gate.survival_prob)
     residual = branch(x[:k])
     return torch.cat([shortcut[:k].add(residual, alpha=gate.survival_prob * x.shape[0] / k), shortcut[k:]])
 

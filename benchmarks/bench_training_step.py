@@ -36,13 +36,14 @@ import torchvision
 from torch import nn
 
 from atomic_files import write_json_atomically
+from benchmarks.counters import training_operator_count
 from resnet_with_stochastic_depth import (
     ResNet,
     StochasticResNet,
     stochastic_depth_gates,
     survival_probabilities,
 )
-from stochastic_depth.counting import training_flop_floor, training_operator_count
+from stochastic_depth.counting import training_flop_floor
 from training import synchronize
 
 PLAIN = "ResNet-50 (plain)"

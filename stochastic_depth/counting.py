@@ -17,14 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode  # what FlopCounterMode is built on (private)
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_with_stochastic_depth import ResNet
-from stochastic_depth.gate import StochasticDepth, _subset_size
+from stochastic_depth.gate import StochasticDepth, subset_size
 
-__all__ = ["gate_flop_floor", "training_flop_floor", "training_operator_count"]
+__all__ = ["gate_flop_floor", "training_flop_floor"]
 
 
 def training_flop_floor(model: ResNet, images: Tensor, labels: Tensor, probabilities: Sequence[float]) -> dict[str, float]:
@@ -77,55 +75,6 @@ def _floor(total: int, work: Sequence[int], fractions: Sequence[float]) -> dict[
     return {"total_gflop": total / 1e9, "fixed_gflop": fixed / 1e9, "floor": expected / total}
 
 
-class _OperatorCounter(TorchDispatchMode):
-    """Counts the ATen operators run under it, views left out (they launch no kernel):
-    those that touch a tensor on the meta device, and the others."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_device = self.on_host = 0
-
-    def __torch_dispatch__(self, func, _types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            if any(isinstance(t, Tensor) and t.is_meta for t in tree_leaves((args, kwargs, out))):
-                self.on_device += 1
-            else:
-                self.on_host += 1
-        return out
-
-
-def training_operator_count(model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, int]:
-    """Operators of one cross-entropy training step of `model`, on its device and on the host.
-
-    Counted on a copy of `model` on PyTorch's meta device, which computes shapes and no
-    arithmetic: an operator on a meta tensor stands for one on the model's device (at
-    least one kernel launch on a GPU); the others run on the CPU whatever the device (the
-    gates' random draws, reading a decision). Where a GPU step is bound by kernel launches
-    rather than arithmetic (ResNet-50 on 28x28 images on an H100 is), its time follows
-    these counts, not the FLOPs. The step starts without gradients, as after
-    ``zero_grad()``; views are not counted; the optimizer step is left out. `model`
-    itself, its generator and gradients included, is left as it was.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The network, in the mode to count (training, for drops).
-    images, labels : torch.Tensor
-        One batch (only their shapes and dtypes are used).
-
-    Returns
-    -------
-    dict
-        ``device``: operators on the model's device; ``host``: operators on the CPU.
-    """
-    twin, images, labels = copy.deepcopy(model).to("meta"), images.to("meta"), labels.to("meta")
-    twin.zero_grad(set_to_none=True)  # as a training loop does: no accumulation into old gradients
-    with _OperatorCounter() as counter:
-        F.cross_entropy(twin(images), labels).backward()
-    return {"device": counter.on_device, "host": counter.on_host}
-
-
 def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
                         output_padding, groups, output_mask, out_shape=None) -> int:
     """FLOPs of a convolution's backward pass: per gradient asked for, as many as its forward.
@@ -145,7 +94,7 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
-def _flop_counter() -> FlopCounterMode:
+def flop_counter_mode() -> FlopCounterMode:
     """``FlopCounterMode`` with grouped convolutions' backward counted right."""
     return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
 
@@ -201,9 +150,9 @@ def gate_flop_floor(
     if fractions is None:
         batch = images.shape[0]
         fractions = [
-            _subset_size(batch, g.survival_prob) / batch if g.mode == "row_subset" else g.survival_prob for g in gates
+            subset_size(batch, g.survival_prob) / batch if g.mode == "row_subset" else g.survival_prob for g in gates
         ]
     if len(fractions) != len(gates):
         raise ValueError(f"expected {len(gates)} fractions, one per gate, got {len(fractions)}")
-    counts, total = _counted_step(twin, images, labels, _flop_counter())
+    counts, total = _counted_step(twin, images, labels, flop_counter_mode())
     return _floor(total, [counts.get(names[g], 0) for g in gates], fractions)

@@ -21,19 +21,16 @@ reduce-scatters the same tensors. The row modes save computation, not communicat
 gates need (``find_unused_parameters=True``) and refuses ``static_graph=True``, under
 which DDP would assume the same parameters unused at every step.
 
-:func:`collective_bytes` counts the bytes FSDP2 all-gathers and reduce-scatters (for
-tests and ``benchmarks/bench_fsdp.py``).
+``benchmarks.counters.collective_bytes`` counts the bytes FSDP2 all-gathers and
+reduce-scatters (for tests and ``benchmarks/bench_fsdp.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -41,29 +38,14 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from stochastic_depth.gate import StochasticDepth, stochastic_depth_gates
+from stochastic_depth.library_blocks import GatedBlock
 
 __all__ = [
-    "CollectiveBytes",
     "branch_modules",
-    "collective_bytes",
     "data_parallel",
     "fully_shard_stochastic_depth",
     "gated_blocks",
 ]
-
-# Blocks with two gates: which children make up each gate's branch. A block with one gate
-# has as its branch every child that holds parameters except the gate and the shortcut.
-_TWO_BRANCH_CHILDREN: dict[str, dict[str, tuple[str, ...]]] = {
-    # timm vision_transformer.Block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))
-    "StochasticVisionTransformerBlock": {"drop_path1": ("norm1", "attn", "ls1"), "drop_path2": ("norm2", "mlp", "ls2")},
-    # torchvision Swin (V1 and V2): x + attn(norm1(x)), then x + mlp(norm2(x)) (V2: norms after)
-    "StochasticSwinTransformerBlock": {"stochastic_depth_attn": ("norm1", "attn"), "stochastic_depth_mlp": ("norm2", "mlp")},
-    "StochasticSwinTransformerBlockV2": {"stochastic_depth_attn": ("norm1", "attn"), "stochastic_depth_mlp": ("norm2", "mlp")},
-}
-# Children of single-gate blocks that are the shortcut, not the branch (ResNets: the
-# projection; timm's ConvNeXt: its shortcut).
-_SHORTCUT_CHILDREN = ("downsample", "shortcut")
-
 
 def _has_parameters(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
@@ -89,29 +71,27 @@ def branch_modules(block: nn.Module) -> dict[str, list[nn.Module]]:
     Returns
     -------
     dict of str to list of torch.nn.Module
-        Gate attribute name -> the children its branch runs, in ``children()`` order. Parameters
+        Gate attribute name -> the children its branch runs, in forward order. Parameters
         of the block itself (torchvision ConvNeXt's ``layer_scale``, timm ConvNeXt's ``gamma``)
         are in no child: they stay with the block.
 
     Raises
     ------
     TypeError
-        For a block with several gates that this function does not know.
+        For a block that does not declare its branches (``GatedBlock.BRANCHES``).
     """
-    gates = [name for name, child in block.named_children() if isinstance(child, StochasticDepth)]
-    if len(gates) == 1:
-        children = [
-            child for name, child in block.named_children()
-            if name not in _SHORTCUT_CHILDREN and not isinstance(child, StochasticDepth) and _has_parameters(child)
-        ]
-        return {gates[0]: children}
-    table = next((_TWO_BRANCH_CHILDREN[c.__name__] for c in type(block).__mro__ if c.__name__ in _TWO_BRANCH_CHILDREN), None)
-    if table is None or set(table) != set(gates):
+    declared = getattr(type(block), "BRANCHES", None)
+    if not isinstance(block, GatedBlock) or declared is None:
         raise TypeError(
-            f"{type(block).__name__} has the gates {gates}: fully_shard_stochastic_depth knows which children make up "
-            f"each branch only for blocks with one gate and for {sorted(_TWO_BRANCH_CHILDREN)}"
+            f"{type(block).__name__} does not declare which children make up each branch (GatedBlock.BRANCHES): "
+            "fully_shard_stochastic_depth shards the blocks that add_stochastic_depth converts and the blocks of "
+            "resnet_with_stochastic_depth"
         )
-    return {gate: [getattr(block, name) for name in table[gate] if _has_parameters(getattr(block, name))] for gate in gates}
+    branches = {}
+    for gate, names in declared.items():
+        children = [getattr(block, name, None) for name in names]
+        branches[gate] = [c for c in children if isinstance(c, nn.Module) and _has_parameters(c)]
+    return branches
 
 
 def _check_gates_agree(gates: Sequence[StochasticDepth], group: dist.ProcessGroup | None) -> None:
@@ -283,65 +263,3 @@ def data_parallel(model: nn.Module, **ddp_options: Any) -> DistributedDataParall
         )
     ddp_options["find_unused_parameters"] = True
     return DistributedDataParallel(model, **ddp_options)
-
-
-@dataclasses.dataclass
-class CollectiveBytes:
-    """Bytes that passed through FSDP2's collectives while :func:`collective_bytes` counted.
-
-    ``all_gathered``: the all-gathers' output bytes (the unsharded parameters, in the
-    all-gather dtype); ``reduce_scattered``: the reduce-scatters' input bytes (the unsharded
-    gradients, in the reduce dtype); ``all_reduced``: all-reduces' bytes. ``calls``: number
-    of calls of each, by the same names.
-    """
-
-    all_gathered: int = 0
-    reduce_scattered: int = 0
-    all_reduced: int = 0
-    calls: dict[str, int] = dataclasses.field(default_factory=lambda: {"all_gathered": 0, "reduce_scattered": 0, "all_reduced": 0})
-
-    def _add(self, kind: str, tensor: torch.Tensor) -> None:
-        setattr(self, kind, getattr(self, kind) + tensor.numel() * tensor.element_size())
-        self.calls[kind] += 1
-
-
-# torch.distributed's collectives as FSDP2 calls them (by attribute, at call time), and what each counts.
-_COUNTED = {
-    "all_gather_single": ("all_gathered", 0),          # (output_tensor, input_tensor, ...)
-    "all_gather_into_tensor": ("all_gathered", 0),
-    "reduce_scatter_single": ("reduce_scattered", 1),  # (output, input, ...)
-    "reduce_scatter_tensor": ("reduce_scattered", 1),
-    "all_reduce": ("all_reduced", 0),
-}
-
-
-@contextlib.contextmanager
-def collective_bytes() -> Iterator[CollectiveBytes]:
-    """Count the bytes of ``torch.distributed``'s all-gathers, reduce-scatters and all-reduces in this process.
-
-    Replaces the functions in ``torch.distributed`` (``all_gather_single`` /
-    ``all_gather_into_tensor``, ``reduce_scatter_single`` / ``reduce_scatter_tensor``,
-    ``all_reduce``), which FSDP2 looks up at each call, by wrappers that count and call them;
-    restores them on exit. Not thread-safe; for measurements.
-    """
-    counter = CollectiveBytes()
-    originals = {name: getattr(dist, name) for name in _COUNTED if hasattr(dist, name)}
-
-    def counting(name: str, original: Any) -> Any:
-        kind, position = _COUNTED[name]
-        keyword = {0: ("output_tensor", "tensor"), 1: ("input",)}[position]
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            tensor = args[position] if len(args) > position else next(kwargs[k] for k in (*keyword, "input_tensor", "output") if k in kwargs)
-            counter._add(kind, tensor)
-            return original(*args, **kwargs)
-
-        return wrapper
-
-    try:
-        for name, original in originals.items():
-            setattr(dist, name, counting(name, original))
-        yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)

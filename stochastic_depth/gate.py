@@ -1,51 +1,67 @@
-"""The stochastic-depth gate: which residual branches run in a training pass.
-
-The base of the library: it imports torch only. The model file
-(``resnet_with_stochastic_depth``) builds its blocks on it, and ``library_blocks``
-converts torchvision's and timm's blocks to it.
+"""The stochastic-depth gate: which residual branches run in a training pass, and how.
 
 ``survival_probabilities``
     The paper's linear-decay rule (Huang et al., ECCV 2016, eq. 4), the uniform rule
     or an explicit sequence.
+``draw_decision``, ``key_seed``
+    One gate's draw for one training pass, a pure function of its key.
 ``StochasticDepth``
-    The gate of one residual branch; ``draw_decision`` and ``key_seed`` are its random
-    draw, ``gate_in_layout`` runs it in a convolutional block's memory layout.
+    The gate of one residual branch: a block calls ``gate(branch, x, shortcut)`` in
+    training and in evaluation.
 ``set_step``
     Keys a model's drops by the training step: every process at a step drops the same
     blocks (DDP), whatever passes each ran before.
 ``StochasticDepthState``, ``stochastic_depth_state``, ``stochastic_depth_gates``
     What a model's gates hold between passes (seed, step, pass counts, drop scale), to
     save with a checkpoint.
+
+The rules of the design, to check new code against:
+
+- Who draws: each gate, when it is called in training mode. Nothing else draws: no hook on
+  the model, no module added to it, so whatever runs the blocks (the model, a wrapper that
+  calls its layers, one block on its own) gets drops.
+- A decision is a pure function of its key (seed, gate index, step, pass, and in the row
+  modes the process's rank): a gate keeps counters, never a random stream to synchronise.
+- A pass: every training call of a gate that is not a recomputation is the gate's next
+  pass. ``set_step`` starts a step (passes numbered from 0 again).
+- A recomputation is a call made while autograd runs a backward pass, which is where
+  PyTorch's checkpointing, reentrant or not, runs a forward again after restoring torch's
+  global RNG state. Each pass draws one number from that state, its tag, and files its key
+  under it; a recomputation draws the same number again and so finds its pass's key (its
+  step included), however many passes, backwards or steps came in between.
+- Processes: with ``set_step``, batch mode's key holds only the seed, the gate and the step,
+  so processes at the same step drop the same blocks whatever passes they ran before. The
+  row modes' key holds the rank: each process draws its own samples.
+
+``torch.compile`` is ``stochastic_depth.compilation``'s concern: the gate's training pass
+runs eagerly and its branch as a region there.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import math
 import operator
 import struct
-import types
+import threading
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._dynamo.eval_frame import skip_code
+
+from stochastic_depth.autograd_ops import add_rows, in_backward_pass
+from stochastic_depth.compilation import RegionHolder, eager_frame, mark_batch_dynamic, not_a_frame
 
 __all__ = [
     "DROP_MODES",
     "Decision",
     "StochasticDepth",
-    "CompileOptions",
     "StochasticDepthState",
-    "compiled_region",
     "draw_decision",
-    "gate_in_layout",
     "key_seed",
     "set_step",
     "stochastic_depth_gates",
@@ -70,7 +86,7 @@ def _check_probability(value: float, name: str) -> float:
     return value
 
 
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
     if mode not in DROP_MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {DROP_MODES}")
     return mode
@@ -127,43 +143,30 @@ def survival_probabilities(
 
 
 # ----------------------------------------------------------------------------------
-# The gate
-#
-# The rule of the design, to check new code against:
-# - Who draws: each gate, when it is called in training mode. Nothing else draws: no hook on
-#   the model, no module added to it, so whatever runs the blocks (the model, a wrapper that
-#   calls its layers, one block on its own) gets drops.
-# - A decision is a pure function of its key (seed, gate index, step, pass, and in the row
-#   modes the process's rank): a gate keeps counters, never a random stream to synchronise.
-# - A pass: every training call of a gate that is not a recomputation is the gate's next
-#   pass. `set_step` starts a step (passes numbered from 0 again).
-# - A recomputation is a call made while autograd runs a backward pass, which is where
-#   PyTorch's checkpointing, reentrant or not, runs a forward again after restoring torch's
-#   global RNG state. Each pass draws one number from that state, its tag, and files its key
-#   under it; a recomputation draws the same number again and so finds its pass's key (its
-#   step included), however many passes, backwards or steps came in between.
-# - Processes: with `set_step`, batch mode's key holds only the seed, the gate and the step,
-#   so processes at the same step drop the same blocks whatever passes they ran before. The
-#   row modes' key holds the rank: each process draws its own samples.
+# The decision
 # ----------------------------------------------------------------------------------
 
 
 class Decision(NamedTuple):
     """One gate's draw for one training pass.
 
-    ``active``: a bool scalar (``"batch"``) or one bool per sample (the row modes), on the
+    ``active``: a Python bool (``"batch"``) or one bool per sample (the row modes), on the
     CPU. ``survival_prob``: the survival probability it was drawn with (``p_l``, or more
     during a drop warm-up), which the training-time scaling uses. ``kept``: the row modes'
     ascending indices of the samples that keep the branch, on the CPU; None in ``"batch"``.
     """
 
-    active: Tensor
+    active: bool | Tensor
     survival_prob: float
     kept: Tensor | None = None
 
 
-def _subset_size(batch_size: int, survival_prob: float) -> int:
-    """``k = round(B p)`` samples, at least one unless ``p == 0`` (DINOv2's rule)."""
+def subset_size(batch_size: int, survival_prob: float) -> int:
+    """``k = round(B p)`` samples (to nearest), at least one unless ``p == 0``.
+
+    DINOv2's sample drop rounds down instead (``max(int(B * (1 - rate)), 1)``); rounding to
+    nearest keeps ``k / B`` closest to ``p``.
+    """
     if survival_prob == 0.0:
         return 0
     return min(batch_size, max(1, math.floor(batch_size * survival_prob + 0.5)))
@@ -172,173 +175,6 @@ def _subset_size(batch_size: int, survival_prob: float) -> int:
 def _warmed_up(survival_prob: float, drop_scale: float) -> float:
     """The survival probability when only `drop_scale` of the drop probability applies."""
     return 1.0 - drop_scale * (1.0 - survival_prob)
-
-
-# ----------------------------------------------------------------------------------
-# torch.compile around the gates
-#
-# A gate draws on the host, from counters that change at every pass: no graph can hold that.
-# So a gate's training pass runs eagerly (a graph break where it is called) and hands its branch
-# to `compiled_region`, which runs it as a frame of its own, one per kind of branch. Under
-# `torch.compile(model)` dynamo compiles that frame with the user's backend and options; with
-# `compile_branches` (regional compilation) the gate holds the options and compiles it itself.
-# Nothing of a gate (its probability, index, step or passes) reaches a traced frame, so nothing
-# of it is guarded on: the blocks of one kind share one compiled variant, whatever the depth.
-# ----------------------------------------------------------------------------------
-
-
-def _eager_frame(function: Callable) -> Callable:
-    """`function`, whose own frame torch.compile runs eagerly (a graph break where a traced
-    caller calls it), compiling the frames it calls (``torch.compiler.disable(recursive=False)``).
-
-    Called from eager code it is a frame that dynamo skips by a flag on its code (see
-    `_not_a_frame`): a function disabled with ``recursive=False`` is converted again at every
-    call (dynamo disassembles it to find that it must skip it, about 1 ms on a CPU, at every
-    gate and block of every training pass), which cost the idiom 7% of a ViT-S step.
-    """
-    disabled = torch.compiler.disable(function, recursive=False, reason=_GRAPH_BREAK_REASON)
-
-    @_not_a_frame
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # a traced caller: the graph break
-            return disabled(*args, **kwargs)
-        return function(*args, **kwargs)
-
-    _not_a_frame(function)
-    return call
-
-
-_GRAPH_BREAK_REASON = (
-    "a stochastic-depth gate draws which residual branches run on the host, at every training pass: "
-    "torch.compile runs the gate's training pass eagerly (this graph break) and compiles each kind of "
-    "branch as a region of its own. Compile the model without fullgraph=True (torch.compile(model)), or "
-    "use stochastic_depth.compilation.compile_branches(model); in eval mode the model is one graph "
-    "(fullgraph=True works there)"
-)
-
-
-def _not_a_frame(function: Callable) -> Callable:
-    """`function`, which torch.compile never compiles as a frame of its own (called from eager
-    code it runs eagerly) but still inlines where it traces a caller: for the dispatchers and
-    helpers of the eager training pass, which would otherwise be compiled, and recompiled, for
-    every shape of their arguments. (What ``torch._dynamo.skip`` does, without its graph break.)"""
-    skip_code(function.__code__)
-    return function
-
-
-def _region(function: Callable[..., Tensor], *args: Any) -> Tensor:
-    return function(*args)
-
-
-# One copy of _region, with a code object of its own, per kind of branch (and compile options):
-# dynamo keeps compiled variants, and counts its recompile limit, per code object.
-_REGIONS: dict[Any, Callable[..., Tensor]] = {}
-# Each module's kind, computed once (a module's layers do not change shape).
-_MODULE_KINDS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-
-
-@_not_a_frame
-def _module_kind(module: nn.Module) -> tuple:
-    """A module's class and settings (``extra_repr``) and the names, shapes and dtypes of its tensors."""
-    kind = _MODULE_KINDS.get(module)
-    if kind is None:
-        tensors = [*module.named_parameters(), *module.named_buffers()]
-        shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in tensors)
-        kind = _MODULE_KINDS[module] = (type(module), module.extra_repr(), shapes)
-    return kind
-
-
-@_not_a_frame
-def _callable_kind(function: Any) -> Any:
-    """What tells one kind of branch from another: its code, and the kind of the modules it runs."""
-    if isinstance(function, types.MethodType):
-        owner = function.__self__
-        return function.__func__.__code__, _module_kind(owner) if isinstance(owner, nn.Module) else type(owner)
-    if isinstance(function, nn.Module):
-        return _module_kind(function)
-    if isinstance(function, functools.partial):
-        return (_callable_kind(function.func), *(_callable_kind(a) for a in function.args if callable(a)))
-    if isinstance(function, types.FunctionType):  # a closure: the kinds of the callables it holds
-        cells = []
-        for cell in function.__closure__ or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            if isinstance(value, (types.MethodType, types.FunctionType, nn.Module, functools.partial)):
-                cells.append(_callable_kind(value))
-        return (function.__code__, *cells)
-    return type(function)
-
-
-@_eager_frame
-def compiled_region(function: Callable[..., Tensor], *args: Any, options: Mapping[str, Any] | None = None) -> Tensor:
-    """``function(*args)`` as a compiled region shared by every branch of its kind.
-
-    The gates call their branches (and the ResNet blocks their downsampling shortcuts)
-    through it. Callables of one kind (the same code, and modules of the same class and
-    parameter shapes: one branch of the blocks of one stage) go through one copy of a
-    two-line function with a code object of its own:
-
-    - under ``torch.compile(model)``, which runs the gates eagerly, dynamo compiles that copy
-      as a frame of its own with the model's backend and options: once per kind of branch,
-      however deep the network, and its recompile limit (per code object) counts the variants
-      of one kind only;
-    - with `options` (``compile_branches``), it is ``torch.compile(copy, **options)``, compiled
-      once per process and kind;
-    - otherwise it is a plain call.
-
-    Parameters
-    ----------
-    function : callable
-        The branch: a bound method of a block, a module, or a closure over either.
-    *args
-        Its arguments.
-    options : mapping, optional
-        ``torch.compile`` options, to compile the region without compiling the model.
-    """
-    key = _callable_kind(function)
-    if options is not None:
-        key = (key, repr(sorted(options.items())))
-    region = _REGIONS.get(key)
-    if region is None:
-        code = _region.__code__.replace(co_name=f"stochastic_depth_region_{len(_REGIONS)}")
-        region = types.FunctionType(code, _region.__globals__, code.co_name)
-        _REGIONS[key] = region = region if options is None else torch.compile(region, **options)
-    return region(function, *args)
-
-
-class CompileOptions(dict):
-    """The ``torch.compile`` options a gate compiles its branch with (``compile_branches``).
-
-    A deep copy of a model (an EMA copy) shares them, and so the compiled regions, instead of
-    copying a backend object into a new one (which would compile everything again).
-    """
-
-    def __deepcopy__(self, memo: dict) -> CompileOptions:
-        return self
-
-
-@_not_a_frame
-def _in_layout_of(out: Tensor, residual: Tensor) -> Tensor:
-    """`out`, channels_last when `residual` is and `out` is not: an NCHW input whose branch returns
-    channels_last (ConvNeXt's first block after a downsampling layer), as ``branch + shortcut`` is."""
-    if _channels_last(residual) and not _channels_last(out):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-@_not_a_frame
-def _indices_to(indices: Tensor, device: torch.device) -> Tensor:
-    """`indices` (on the CPU) on `device`, without making the host wait for a GPU."""
-    if indices.device == device:
-        return indices
-    if device.type == "cuda":
-        # A copy from pageable memory waits for the GPU to finish all queued work;
-        # from pinned memory it does not.
-        indices = indices.pin_memory()
-    return indices.to(device, non_blocking=True)
 
 
 def key_seed(*key: int) -> int:
@@ -371,17 +207,28 @@ def draw_decision(mode: DropMode, survival_prob: float, batch_size: int, seed: i
     """
     if mode == "batch":
         # The seed is already a uniform hash: its top 53 bits are a uniform double in [0, 1).
-        return Decision(torch.tensor((seed >> 10) / 2.0**53 < survival_prob), survival_prob)
-    generator = torch.Generator().manual_seed(seed)
+        return Decision((seed >> 10) / 2.0**53 < survival_prob, survival_prob)
+    generator = _generator().manual_seed(seed)
     if mode == "row":
         active = torch.rand(batch_size, generator=generator) < survival_prob
         return Decision(active, survival_prob, active.nonzero().squeeze(1))
     # The k smallest of B uniform keys are a uniformly chosen k-subset; float64 keys make a
     # tie (which would favour lower indices) practically impossible.
     keys = torch.rand(batch_size, generator=generator, dtype=torch.float64)
-    kept = keys.argsort()[: _subset_size(batch_size, survival_prob)].sort().values
+    kept = keys.argsort()[: subset_size(batch_size, survival_prob)].sort().values
     active = torch.zeros(batch_size, dtype=torch.bool).index_fill_(0, kept, True)
     return Decision(active, survival_prob, kept)
+
+
+_THREAD = threading.local()
+
+
+def _generator() -> torch.Generator:
+    """This thread's CPU generator for the row modes' draws, made once (each draw seeds it)."""
+    generator = getattr(_THREAD, "generator", None)
+    if generator is None:
+        generator = _THREAD.generator = torch.Generator()
+    return generator
 
 
 def _process_rank() -> int:
@@ -415,8 +262,8 @@ def _pass_tag() -> int:
     return int(torch.randint(2**62, (), dtype=torch.int64))
 
 
-class StochasticDepth(nn.Module):
-    """Randomly bypasses one residual branch: ``shortcut + gate(branch(x))``.
+class StochasticDepth(RegionHolder):
+    """Randomly bypasses one residual branch: ``gate(branch, x, shortcut)`` is ``shortcut + branch(x)``, gated.
 
     Training modes (``survival_prob`` is the probability of *keeping* the branch; the
     argument is keyword-only because torchvision's ``StochasticDepth(p, mode)`` takes
@@ -430,12 +277,12 @@ class StochasticDepth(nn.Module):
         An independent Bernoulli(``survival_prob``) draw per sample; the branch runs
         only on the samples that keep it, so its batch size changes every step.
     ``"row_subset"`` (DINOv2's sample drop)
-        Exactly ``k = round(B * survival_prob)`` samples (at least one, unless the
-        probability is 0), chosen without replacement, keep the branch, which runs on
-        those ``k``: the same shape every step (no new cuDNN plans, as ``"row"`` needs). The
-        kept residuals are scaled by ``survival_prob * B / k`` (``B / k`` when
-        ``inverted``), so the expected output is the same as in the other modes.
-        Samples are not independent (exactly ``k`` survive).
+        Exactly ``k = round(B * survival_prob)`` samples (rounded to nearest, at least one
+        unless the probability is 0; DINOv2 rounds down), chosen without replacement, keep
+        the branch, which runs on those ``k``: the same shape every step (no new cuDNN plans,
+        as ``"row"`` needs). The kept residuals are scaled by ``survival_prob * B / k``
+        (``B / k`` when ``inverted``), so the expected output is the same as in the other
+        modes. Samples are not independent (exactly ``k`` survive).
 
     Evaluation: the branch always runs, scaled by ``survival_prob`` (the paper's test
     rule), or unscaled when ``inverted=True``, in which case a surviving branch is
@@ -446,7 +293,12 @@ class StochasticDepth(nn.Module):
     passes of that moment (a drop warm-up, or a schedule that stops dropping).
     Nothing is drawn in evaluation, so an eval-mode model compiles as one graph.
 
-    Drawing (the rule at the top of this section): each training call draws the
+    Memory layout: the output has the layout ``branch(x) + shortcut`` would have. A
+    channels_last input is gathered and scattered as ``(N, H, W, C)`` views, in which it is
+    plainly contiguous, so that the row modes do not turn a channels_last network NCHW (a
+    depthwise convolution runs about 3 times slower in NCHW on the CPU).
+
+    Drawing (the rules at the top of this module): each training call draws the
     decision of a new pass from the key ``(seed, index, step, pass)``, plus the
     process's rank in the row modes; a recomputation by activation checkpointing
     gets its pass's decision again. :func:`set_step` keys the passes by the training
@@ -469,6 +321,11 @@ class StochasticDepth(nn.Module):
     index : int
         The gate's number in its model, which tells its draws from the others'.
 
+    Shape
+    -----
+    ``branch(x)`` and ``shortcut`` have one shape ``(B, ...)``, batch first; `x` has
+    batch size ``B`` too. The output has that shape.
+
     Attributes
     ----------
     drop_scale : float
@@ -480,16 +337,12 @@ class StochasticDepth(nn.Module):
     passes : int
         Training passes since the step was set (since construction without one).
     compile_options : dict or None
-        ``torch.compile`` options for the branch, set by
-        ``stochastic_depth.compilation.compile_branches``; None runs it as it is.
+        ``torch.compile`` options for the branch, set by ``compile_branches``; None runs it
+        as it is.
     last_active : Tensor or None
         What the last forward pass computed: a bool scalar (``"batch"``) or one
         bool per sample (row modes); all True in evaluation, except for ``p = 0``.
     """
-
-    # ``torch.compile`` options of the branch (``compile_branches``: regional compilation),
-    # or None: the branch runs as it is, compiled only where the whole model is.
-    compile_options: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -502,15 +355,16 @@ class StochasticDepth(nn.Module):
     ) -> None:
         super().__init__()
         self.survival_prob = _check_probability(survival_prob, "survival_prob")
-        self.mode = _check_mode(mode)
+        self.mode = check_mode(mode)
         self.inverted = bool(inverted)
-        self.seed, self.seed_given = _seed_or_random(seed)
+        self.seed, self.seed_given = seed_or_random(seed)
         self.index = int(index)
         self._drop_scale = 1.0
         self.step: tuple[int, ...] | None = None
         self.passes = 0
-        self.last_active: Tensor | None = None
-        self._forget_passes()
+        self._last_active: bool | Tensor | None = None
+        # The keys of the latest passes by their tags (see _pass_tag), for recomputations.
+        self._recent: collections.OrderedDict[int, tuple[int, tuple[int, ...] | None]] = collections.OrderedDict()
 
     @property
     def drop_scale(self) -> float:
@@ -520,25 +374,14 @@ class StochasticDepth(nn.Module):
     def drop_scale(self, value: float) -> None:
         self._drop_scale = _check_probability(value, "drop_scale")
 
-    def _forget_passes(self) -> None:
-        # The keys of the latest passes by their tags (see _pass_tag), for recomputations.
-        self._recent: collections.OrderedDict[int, tuple[int, tuple[int, ...] | None]] = collections.OrderedDict()
+    @property
+    def last_active(self) -> Tensor | None:
+        active = self._last_active
+        return torch.tensor(active) if isinstance(active, bool) else active
 
-    @_not_a_frame
     def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
         if not self.training:
-            # The survival probability in force (p_l, or more while drop_scale < 1): after a
-            # schedule that ends with fewer drops, evaluation is the network training ended with.
-            p = _warmed_up(self.survival_prob, self._drop_scale)
-            # torch.compile replays this write after its graph (still one graph, no guard on
-            # it); torch.export allows no attribute writes.
-            if not torch.compiler.is_exporting():
-                self.last_active = torch.tensor(p > 0.0)
-            if p == 0.0:  # never trained with this branch: leave it out at test time too
-                return shortcut
-            if self.compile_options is not None and not torch.compiler.is_compiling():
-                return shortcut.add(compiled_region(branch, x, options=self.compile_options), alpha=1.0 if self.inverted else p)
-            return shortcut.add(branch(x), alpha=1.0 if self.inverted else p)
+            return self._evaluate(branch, x, shortcut)
         if isinstance(x, torch.fx.Proxy):
             return _stochastic_depth_cannot_train_traced(shortcut)
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
@@ -547,62 +390,68 @@ class StochasticDepth(nn.Module):
                 "training mode, where the graph would freeze one draw of which residual blocks run. Trace "
                 "or export it in eval mode (model.eval()), where every block runs; train the original model."
             )
+        return self._train(branch, x, shortcut)
 
-        return self._train(branch, x, shortcut, False)
+    def _evaluate(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+        # The survival probability in force (p_l, or more while drop_scale < 1): after a
+        # schedule that ends with fewer drops, evaluation is the network training ended with.
+        p = _warmed_up(self.survival_prob, self._drop_scale)
+        # torch.compile replays this write after its graph (no guard on it); torch.export
+        # allows no attribute writes.
+        if not torch.compiler.is_exporting():
+            self._last_active = p > 0.0
+        if p == 0.0:  # never trained with this branch: leave it out at test time too
+            return shortcut
+        residual = self.run_region(branch, x)
+        out = shortcut.add(residual, alpha=1.0 if self.inverted else p)
+        return out if isinstance(x, torch.fx.Proxy) else _in_layout_of(out, residual)
 
-    @_eager_frame
-    def _train(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor, in_layout: bool) -> Tensor:
-        """A training pass: decide, then run the branch on what is kept (`in_layout`: see gate_in_layout).
+    @eager_frame
+    def _train(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+        """A training pass: decide, then run the branch on what is kept.
 
         Eager also under torch.compile (a graph break where the gate is called): the branch
-        runs as a compiled region of its kind (:func:`compiled_region`).
+        runs as a compiled region of its kind (``stochastic_depth.compilation``).
         """
-        decision = self._decide(x)
-        if torch._C._current_graph_task_id() == -1:  # (a recomputation does not change what the last pass was)
-            self.last_active = decision.active
-        options = self.compile_options
+        decision, recomputed = self._decide(x)
+        if not recomputed:  # a recomputation does not change what the last pass was
+            self._last_active = decision.active
         if self.mode == "batch":
             if not decision.active:
                 return shortcut
-            residual = compiled_region(branch, x, options=options)
-            out = shortcut.add(residual, alpha=self._train_scale(decision.survival_prob, decision.survival_prob))
-            return _in_layout_of(out, residual) if in_layout else out
+            residual = self.run_region(branch, x)
+            return _in_layout_of(shortcut.add(residual, alpha=self._train_scale(decision.survival_prob)), residual)
 
-        kept = decision.kept
+        kept, batch_size = decision.kept, x.shape[0]
         if len(kept) == 0:
             return shortcut
         # Each sample keeps the branch with probability p ("row") or k / B ("row_subset").
-        inclusion = decision.survival_prob if self.mode == "row" else len(kept) / x.shape[0]
-        scale = self._train_scale(decision.survival_prob, inclusion)
-        if len(kept) == x.shape[0]:
-            residual = compiled_region(branch, x, options=options)
-            out = shortcut.add(residual, alpha=scale)
-            return _in_layout_of(out, residual) if in_layout else out
+        scale = self._train_scale(decision.survival_prob if self.mode == "row" else len(kept) / batch_size)
+        if len(kept) == batch_size:
+            residual = self.run_region(branch, x)
+            return _in_layout_of(shortcut.add(residual, alpha=scale), residual)
         kept = _indices_to(kept, x.device)
         # A channels_last input is gathered and scattered as (N, H, W, C) views, in which it is
-        # plainly contiguous (see gate_in_layout); the branch still sees (N, C, H, W).
-        nhwc = in_layout and _channels_last(x)
+        # plainly contiguous; the branch still sees (N, C, H, W).
+        nhwc = _channels_last(x)
         rows, shortcut_rows = (x.permute(0, 2, 3, 1), shortcut.permute(0, 2, 3, 1)) if nhwc else (x, shortcut)
         if len(kept) > 1:
-            inputs = rows.index_select(0, kept)
-            # A new batch size at every gate and step: compile the region for any.
-            torch._dynamo.maybe_mark_dynamic(inputs, 0)
-            residual = compiled_region(branch, inputs.permute(0, 3, 1, 2) if nhwc else inputs, options=options)
+            inputs = mark_batch_dynamic(rows.index_select(0, kept))
+            residual = self.run_region(branch, inputs.permute(0, 3, 1, 2) if nhwc else inputs)
         else:
             # BatchNorm cannot normalise one sample on 1x1 feature maps: for this rare
             # case the branch runs on the whole batch and we keep the one row.
-            residual = compiled_region(branch, x, options=options).index_select(0, kept)
+            residual = self.run_region(branch, x).index_select(0, kept)
         residual_rows = residual.permute(0, 2, 3, 1) if nhwc else residual
-        out = shortcut_rows.index_add(0, kept, residual_rows.to(shortcut.dtype), alpha=scale)
-        if nhwc:
-            return out.permute(0, 3, 1, 2)
-        return _in_layout_of(out, residual) if in_layout else out
+        out = add_rows(shortcut_rows, kept, residual_rows.to(shortcut.dtype), scale)
+        return out.permute(0, 3, 1, 2) if nhwc else _in_layout_of(out, residual)
 
     @torch.compiler.disable  # host-side bookkeeping and draws: eager, also under torch.compile
-    def _decide(self, x: Tensor) -> Decision:
-        """The decision of a new pass, or of the pass that this call recomputes."""
+    def _decide(self, x: Tensor) -> tuple[Decision, bool]:
+        """The decision of a new pass, or of the pass that this call recomputes (then True)."""
         tag = _pass_tag()
-        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recomputation
+        recomputed = in_backward_pass()
+        if recomputed:
             if tag not in self._recent:
                 raise RuntimeError(
                     "a StochasticDepth gate runs inside a backward pass, but not as the recomputation of one "
@@ -618,82 +467,66 @@ class StochasticDepth(nn.Module):
         if self.mode == "batch":
             if step is not None:
                 pass_index = -1  # every pass of a step drops the same blocks, on every process
-            if not (step is not None and self.seed_given) and dist.is_available() and dist.is_initialized() \
-                    and dist.get_world_size() > 1:
-                warnings.warn(_UNSTEPPED_DDP_WARNING, stacklevel=6)
+            elif not recomputed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                warnings.warn(_UNSTEPPED_DDP_WARNING, stacklevel=_CALLER_OF_THE_GATE)
             key = (self.seed, self.index, pass_index)
         else:
             key = (self.seed, self.index, pass_index, _process_rank())
         step = () if step is None else step
         p = _warmed_up(self.survival_prob, self._drop_scale)
-        return draw_decision(self.mode, p, x.shape[0], key_seed(len(step), *key, *step))
+        return draw_decision(self.mode, p, x.shape[0], key_seed(len(step), *key, *step)), recomputed
 
-    @_not_a_frame
-    def _train_scale(self, survival_prob: float, inclusion: float) -> float:
+    def _train_scale(self, inclusion: float) -> float:
         """The factor of a kept residual while training, so that its expectation is ``p * residual``.
 
         (``residual`` itself when ``inverted``.) `inclusion` is the probability that a
-        sample kept the branch: `survival_prob` in "batch" and "row", ``k / B`` in
-        "row_subset". Applied as ``alpha`` of the add, which saves a multiplication.
+        sample kept the branch: the survival probability in force in "batch" and "row",
+        ``k / B`` in "row_subset". Applied as ``alpha`` of the add, which saves a
+        multiplication.
         """
-        return (1.0 if self.inverted else survival_prob) / inclusion
+        return (1.0 if self.inverted else _warmed_up(self.survival_prob, self._drop_scale)) / inclusion
 
     def extra_repr(self) -> str:
         return f"survival_prob={self.survival_prob:.4f}, mode={self.mode}, inverted={self.inverted}"
 
 
-@_not_a_frame
+# The frames between the warning and the code that called the gate: _decide, its disable
+# wrapper, _train, its eager_frame wrapper, forward, Module._call_impl, Module._wrapped_call_impl.
+_CALLER_OF_THE_GATE = 8
+
 def _channels_last(t: Tensor) -> bool:
     """Whether `t` is laid out channels_last, not (also) plainly contiguous: (N, C, H, W) with C fastest."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-@_not_a_frame
-def gate_in_layout(gate: StochasticDepth, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
-    """``gate(branch, x, shortcut)`` for a convolutional block, in the memory layout of its input and branch.
-
-    In the row modes the gate gathers the kept samples (``index_select``) and adds their
-    residuals into a copy of the shortcut (``index_add``), both of which return plainly
-    contiguous (NCHW) tensors. A channels_last network (ConvNeXt's blocks return
-    channels_last tensors, from their last permutation; any model after
-    ``.to(memory_format=torch.channels_last)``) would switch to NCHW without a word, and
-    a depthwise convolution runs about 3 times slower in NCHW on the CPU (ConvNeXt-T,
-    torch 2.14). So for a channels_last input the gate works on ``(N, H, W, C)`` views,
-    in which channels_last tensors are plainly contiguous: its gather and scatter-add
-    then return tensors that are channels_last again once permuted back, without a copy
-    of their own. For an NCHW input whose branch returns channels_last (the first
-    ConvNeXt block after a downsampling layer), the output is made channels_last, as the
-    library's ``branch + shortcut`` is. Layouts change no value: the same floats.
-    """
-    if isinstance(x, torch.fx.Proxy):  # traced (eval mode): layouts are not known
-        return gate(branch, x, shortcut)
-    if isinstance(gate, StochasticDepth) and gate.training and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
-        return gate._train(branch, x, shortcut, True)
-    if _channels_last(x):
-
-        def run_nhwc(t: Tensor) -> Tensor:
-            return branch(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-        shortcut_nhwc = shortcut.permute(0, 2, 3, 1)
-        out = gate(run_nhwc, x.permute(0, 2, 3, 1), shortcut_nhwc)
-        # A dropped branch hands back the shortcut itself, which the block must be able to
-        # recognise (it may be the block's input, which an in-place activation must not touch).
-        return shortcut if out is shortcut_nhwc else out.permute(0, 3, 1, 2)
-
-    residual_channels_last: list[bool] = []
-
-    def run(t: Tensor) -> Tensor:
-        residual = branch(t)
-        residual_channels_last.append(_channels_last(residual))
-        return residual
-
-    out = gate(run, x, shortcut)
-    if residual_channels_last and residual_channels_last[-1] and not _channels_last(out):
-        out = out.contiguous(memory_format=torch.channels_last)
+def _in_layout_of(out: Tensor, residual: Tensor) -> Tensor:
+    """`out`, channels_last when `residual` is and `out` is not: an NCHW input whose branch returns
+    channels_last (ConvNeXt's first block after a downsampling layer), as ``branch + shortcut`` is."""
+    if _channels_last(residual) and not _channels_last(out):
+        return out.contiguous(memory_format=torch.channels_last)
     return out
 
 
+def _indices_to(indices: Tensor, device: torch.device) -> Tensor:
+    """`indices` (on the CPU) on `device`, without making the host wait for a GPU."""
+    if indices.device == device:
+        return indices
+    if device.type == "cuda":
+        # A copy from pageable memory waits for the GPU to finish all queued work;
+        # from pinned memory it does not.
+        indices = indices.pin_memory()
+    return indices.to(device, non_blocking=True)
+
+
+# The eager training pass's helpers: called from eager code under torch.compile(model), each
+# would be compiled as a frame of its own (and again for every shape); only the regions are.
+for _helper in (StochasticDepth.forward, StochasticDepth._evaluate, StochasticDepth._train_scale, _warmed_up,
+                _channels_last, _in_layout_of, _indices_to):
+    not_a_frame(_helper)
+
+
 _UNSTEPPED_DDP_WARNING = (
+
     "StochasticDepth in batch mode under torch.distributed without set_step(model, step) or without "
     "an explicit seed: processes drop the same blocks only if their seeds are equal and they run the "
     "same number of training passes (not after uneven inputs under join(), or an extra forward pass "
@@ -718,7 +551,7 @@ def _check_seed(seed: Any) -> int:
     return _check_int(seed, "seed", 0, 2**62)
 
 
-def _seed_or_random(seed: Any) -> tuple[int, bool]:
+def seed_or_random(seed: Any) -> tuple[int, bool]:
     """(seed, whether one was given): a given seed checked, else one drawn from torch's global generator."""
     if seed is None:
         return int(torch.randint(2**62, ()).item()), False

@@ -22,6 +22,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 from torchvision.models.swin_transformer import SwinTransformer
 
+from benchmarks.counters import collective_bytes
 from resnet_with_stochastic_depth import (
     StochasticResNet,
     add_stochastic_depth,
@@ -31,7 +32,6 @@ from resnet_with_stochastic_depth import (
 )
 from stochastic_depth.distributed import (
     branch_modules,
-    collective_bytes,
     data_parallel,
     fully_shard_stochastic_depth,
     gated_blocks,

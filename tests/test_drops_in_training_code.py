@@ -56,7 +56,7 @@ def converted_resnet18(p_last=0.3, seed=0, **kwargs):
     return add_stochastic_depth(torchvision.models.resnet18(num_classes=10), p_last=p_last, seed=seed, **kwargs)
 
 
-# ---------------------------------------------------------------------------------- 1. backbones
+# ---------------------------------------------------------------------------------- backbones
 
 
 @pytest.mark.parametrize("wrapper", ["BackboneWithFPN", "IntermediateLayerGetter", "children[:-2]"])
@@ -113,7 +113,7 @@ def test_a_detector_fed_a_list_of_images_draws_for_its_batch_in_row_subset_mode(
         assert int(gate.last_active.sum()) == max(1, math.floor(2 * gate.survival_prob + 0.5))
 
 
-# ---------------------------------------------------------------------------------- 2. whole-network checkpointing
+# ---------------------------------------------------------------------------------- whole-network checkpointing
 
 
 def assert_same_gradients(model, twin):
@@ -140,7 +140,7 @@ def test_checkpointing_the_whole_network_gives_the_gradients_of_the_same_step_wi
     assert not model.active_blocks.all()
 
 
-# ---------------------------------------------------------------------------------- 7. two views, one backward
+# ---------------------------------------------------------------------------------- two views, one backward
 
 
 def checkpoint_each_block(model, reentrant):
@@ -264,7 +264,7 @@ def test_two_views_in_batch_mode_with_a_step_share_one_subnetwork_also_through_a
         assert_same_gradients(model, twin)
 
 
-# ---------------------------------------------------------------------------------- 5. eval: compile and export
+# ---------------------------------------------------------------------------------- eval: compile and export
 
 
 @pytest.mark.parametrize("make", [lambda: StochasticResNet.cifar(20, seed=0), lambda: converted_resnet18()],
@@ -284,7 +284,7 @@ def test_an_eval_model_compiles_as_one_graph_and_exports(make):
     torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------- 6. whole-model pickles
+# ---------------------------------------------------------------------------------- whole-model pickles
 
 
 def test_a_compiled_branches_model_pickles_whole_and_deep_copies():
@@ -305,7 +305,7 @@ def test_a_compiled_branches_model_pickles_whole_and_deep_copies():
         assert torch.equal(twin(x), eager(x))
 
 
-# ---------------------------------------------------------------------------------- 8. TorchScript
+# ---------------------------------------------------------------------------------- TorchScript
 
 
 def test_torchscript_says_to_export_instead():

@@ -27,14 +27,10 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
 from resnet_with_stochastic_depth import (
-    ResNet,
     add_stochastic_depth,
     stochastic_depth_gates,
-    survival_probabilities,
 )
-from stochastic_depth.counting import _flop_counter, gate_flop_floor, training_flop_floor
-from stochastic_depth.gate import _channels_last
-from stochastic_depth.library_blocks import _BY_LIBRARY_CLASS, _CONVERTED, supported_blocks
+from stochastic_depth.library_blocks import GatedBlock, converted_class
 
 RATE = 0.4  # drop_path_rate / stochastic_depth_prob of every family, spread over its blocks by the library
 
@@ -73,19 +69,6 @@ FAMILIES = {
 LAYER_NORM = {"torchvision ConvNeXt", "torchvision Swin", "torchvision Swin V2", "timm ViT", "timm ConvNeXt"}
 
 # The submodules (and parameters) each gate's branch consists of, by converted class and gate.
-BRANCHES = {
-    "StochasticCNBlock": {"stochastic_depth": ["block", "layer_scale"]},
-    "StochasticSwinTransformerBlock": {"stochastic_depth_attn": ["norm1", "attn"], "stochastic_depth_mlp": ["norm2", "mlp"]},
-    "StochasticSwinTransformerBlockV2": {"stochastic_depth_attn": ["attn", "norm1"], "stochastic_depth_mlp": ["mlp", "norm2"]},
-    "StochasticMBConv": {"stochastic_depth": ["block"]},
-    "StochasticFusedMBConv": {"stochastic_depth": ["block"]},
-    "StochasticVisionTransformerBlock": {"drop_path1": ["norm1", "attn", "ls1"], "drop_path2": ["norm2", "mlp", "ls2"]},
-    "StochasticConvNeXtBlock": {"drop_path": ["conv_dw", "norm", "mlp", "gamma"]},
-    "StochasticTimmBasicBlock": {"drop_path": ["conv1", "bn1", "conv2", "bn2"]},
-    "StochasticTimmBottleneck": {"drop_path": ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3"]},
-}
-
-
 def build(family, seed=0):
     torch.manual_seed(seed)
     return FAMILIES[family]()
@@ -95,24 +78,36 @@ def images(n=8, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def channels_last(t):
+    """Whether `t` is laid out channels_last and not also plainly contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def converted_blocks(model):
-    return [m for m in model.modules() if type(m) in _CONVERTED]
+    return [m for m in model.modules() if isinstance(m, GatedBlock)]
 
 
 def branch_parts(block):
-    """``{gate: (submodules, parameters)}`` of a converted block's branches."""
+    """``{gate: (submodules, parameters)}`` of a converted block's branches, from its declaration
+    (``BRANCHES``); a one-branch block's own parameters (a layer scale) belong to its branch."""
     parts = {}
-    for gate, names in BRANCHES[type(block).__name__].items():
-        items = [getattr(block, n) for n in names]
-        parts[gate] = (
-            [m for m in items if isinstance(m, nn.Module)],
-            [p for m in items for p in ([m] if isinstance(m, nn.Parameter) else m.parameters())],
-        )
+    for gate, names in type(block).BRANCHES.items():
+        modules = [m for m in (getattr(block, n, None) for n in names) if isinstance(m, nn.Module)]
+        own = list(block.parameters(recurse=False)) if len(block.GATES) == 1 else []
+        parts[gate] = (modules, [p for m in modules for p in m.parameters()] + own)
     return parts
 
 
-def test_every_supported_block_has_a_family_here():
-    assert len(BRANCHES) == len(_CONVERTED) == len(supported_blocks())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_declared_branches_hold_every_parameter_but_the_shortcuts(family):
+    # A wrong declaration would leave a parameter out (FSDP2 would shard it with the block and
+    # gather it for a dropped branch) or count it twice.
+    for block in converted_blocks(add_stochastic_depth(build(family))):
+        declared = [p for _, parameters in branch_parts(block).values() for p in parameters]
+        shortcut = [p for name in ("downsample", "shortcut") if isinstance(getattr(block, name, None), nn.Module)
+                    for p in getattr(block, name).parameters()]
+        assert len({id(p) for p in declared}) == len(declared)
+        assert {id(p) for p in declared} | {id(p) for p in shortcut} == {id(p) for p in block.parameters()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,7 +129,7 @@ def test_defaults_keep_the_models_own_rates_per_sample_and_inverted(family):
     unconverted = build(family)
     own = []  # 1 - p of each drop-path module, read here from the library's modules
     for block in unconverted.modules():
-        kind = _BY_LIBRARY_CLASS.get(type(block))
+        kind = converted_class(type(block))
         if kind is None or (isinstance(block, (MBConv, FusedMBConv)) and not block.use_res_connect):
             continue
         for attribute in kind.DROP_PATHS:
@@ -280,7 +275,7 @@ def test_kept_samples_get_what_masking_gives_them(family):
     with torch.no_grad():
         model(images(8))
     x, out = seen["x"], seen["out"]
-    gates = list(BRANCHES[type(block).__name__])
+    gates = list(type(block).BRANCHES)
     shortcut = x
     with torch.no_grad():
         if hasattr(twin, "downsample") and twin.downsample is not None:
@@ -452,47 +447,6 @@ def test_timm_resnet_batch_mode_dropped_block_leaves_its_input_to_autograd(memor
     assert model.conv1.weight.grad is not None
 
 
-def test_gate_flop_floor_is_training_flop_floor_for_a_resnet():
-    torch.manual_seed(0)
-    plain = ResNet.cifar(20)
-    stochastic = add_stochastic_depth(copy.deepcopy(plain), "linear", 0.5)
-    x, y = images(4), torch.arange(4)
-    expected = training_flop_floor(plain, x, y, survival_probabilities(9, "linear", 0.5))
-    assert gate_flop_floor(stochastic, x, y) == pytest.approx(expected, rel=1e-12)
-
-
-def test_gate_flop_floor_of_a_vit_by_hand():
-    """The tiny ViT (batch 8, 17 tokens of width 64, MLP 256): a gate's work, forward and
-    backward (3x the forward: the input gradient and the weight gradient of each product)."""
-    model = add_stochastic_depth(build("timm ViT"))
-    x, y = images(8), torch.arange(8)
-    b, n, d = 8, 17, 64
-    attention = 3 * (2 * b * n * 4 * d * d + 2 * 2 * b * n * n * d)  # qkv + proj; q k^T and attn v
-    mlp = 3 * (2 * b * n * 8 * d * d)
-    gates = stochastic_depth_gates(model)
-    total = gate_flop_floor(model, x, y, [1.0] * len(gates))
-    assert total["floor"] == 1.0
-    for index, work in ((2, attention), (3, mlp)):
-        fractions = [1.0] * len(gates)
-        fractions[index] = 0.0  # this gate always drops
-        skipped = total["total_gflop"] * (1 - gate_flop_floor(model, x, y, fractions)["floor"])
-        assert skipped == pytest.approx(work / 1e9, rel=1e-9)
-    nothing = gate_flop_floor(model, x, y, [0.0] * len(gates))
-    assert nothing["floor"] == pytest.approx(nothing["fixed_gflop"] / nothing["total_gflop"])
-    assert nothing["total_gflop"] - nothing["fixed_gflop"] == pytest.approx(4 * (attention + mlp) / 1e9, rel=1e-9)
-    with pytest.raises(ValueError, match="expected 8 fractions"):
-        gate_flop_floor(model, x, y, [1.0])
-
-
-def test_flop_counter_counts_a_depthwise_convolutions_backward_as_twice_its_forward():
-    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-    x = torch.randn(2, 16, 8, 8, requires_grad=True)
-    forward = 2 * 2 * 16 * 8 * 8 * 9  # output elements x (16 / 16 channels x 3x3) x 2
-    with _flop_counter() as counter:
-        conv(x).sum().backward()
-    assert counter.get_total_flops() == 3 * forward
-
-
 def _layouts(model, x):
     """``{name: [channels_last, ...]}``: each convolution's input and each block's output, per call."""
     seen, handles = {}, []
@@ -500,13 +454,13 @@ def _layouts(model, x):
         if isinstance(m, nn.Conv2d):
 
             def input_hook(m, args, name=name):
-                seen.setdefault(name, []).append(_channels_last(args[0]))
+                seen.setdefault(name, []).append(channels_last(args[0]))
 
             handles.append(m.register_forward_pre_hook(input_hook))
-        elif type(m) in _BY_LIBRARY_CLASS or type(m) in _CONVERTED:
+        elif isinstance(m, GatedBlock) or converted_class(type(m)) is not None:
 
             def output_hook(m, args, out, name=name):
-                seen.setdefault(name, []).append(_channels_last(out))
+                seen.setdefault(name, []).append(channels_last(out))
 
             handles.append(m.register_forward_hook(output_hook))
     model(x).sum().backward()

@@ -116,7 +116,7 @@ def test_regime_notebook_draws_the_committed_map_and_depth_curve_quickly_with_no
     committed = printed_text(json.loads(REGIME_NOTEBOOK.read_text()))
     for row in rows:
         assert regime_study.verdict(row, "test") in committed
-    # The schedule map (issue 22): how many runs of each cell are finished, as the files say, and the verdicts
+    # The schedule map: how many runs of each cell are finished, as the files say, and the verdicts
     # of the complete cells (those alone), in the committed notebook too.
     schedules = ROOT / "results" / "schedules-fashion-mnist"
     status = regime_study.schedule_status(schedules)

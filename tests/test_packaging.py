@@ -77,56 +77,83 @@ def test_installed_library_imports_from_another_folder(wheel, tmp_path):
 
 
 # The library's modules, base first: each imports only modules before it (and never the
-# other way round), so any one of them imports first in a fresh interpreter.
+# other way round). The package's __init__ imports the model file, whose blocks are the
+# gated classes of torchvision's ResNet blocks.
 IMPORT_ORDER = (
+    "stochastic_depth.compilation",
+    "stochastic_depth.autograd_ops",
     "stochastic_depth.gate",
     "stochastic_depth.schedules",
     "stochastic_depth.library_blocks",
+    "stochastic_depth.conversion",
     "stochastic_depth.distributed",
     "resnet_with_stochastic_depth",
-    "stochastic_depth.compilation",
     "stochastic_depth.counting",
     "stochastic_depth.evaluation_network",
 )
+LIBRARY = ("stochastic_depth", "resnet_with_stochastic_depth")
 
 
-def _library_imports(path: Path) -> tuple[set[str], list[str]]:
-    """(library modules `path` imports at its top level, library imports made inside a function or class)."""
+def _library_imports(path: Path) -> tuple[set[str], list[str], list[str]]:
+    """(library modules `path` imports at its top level, library imports made inside a function or
+    class, underscore names it imports from a library module)."""
     tree = ast.parse(path.read_text())
-    top, nested = set(), []
+    top, nested, private = set(), [], []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             names = [node.module or ""]
+            if names[0].split(".")[0] in LIBRARY:
+                private += [f"{names[0]}.{a.name}" for a in node.names if a.name.startswith("_")]
         else:
             continue
-        names = [n for n in names if n.split(".")[0] in ("stochastic_depth", "resnet_with_stochastic_depth")]
+        names = [n for n in names if n.split(".")[0] in LIBRARY]
         (top.update(names) if node in tree.body else nested.extend(names))
-    return top, nested
+    return top, nested, private
 
 
 def test_the_library_imports_run_one_way_and_never_from_inside_a_function():
     for position, module in enumerate(IMPORT_ORDER):
         path = ROOT / (module.replace(".", "/") + ".py")
-        top, nested = _library_imports(path)
+        top, nested, _ = _library_imports(path)
         assert not nested, f"{path.name} imports {nested} inside a function or class"
         assert top <= set(IMPORT_ORDER[:position]), f"{module} imports {top - set(IMPORT_ORDER[:position])}, above it"
     package = {f"stochastic_depth.{p.stem}" for p in (ROOT / "stochastic_depth").glob("*.py") if p.stem != "__init__"}
     assert package <= set(IMPORT_ORDER), f"place {package - set(IMPORT_ORDER)} in IMPORT_ORDER"
 
 
-@pytest.mark.parametrize("module", IMPORT_ORDER)
+def test_no_module_imports_another_modules_private_names():
+    paths = [*ROOT.glob("*.py"), *(ROOT / "stochastic_depth").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+             *(ROOT / "tests").glob("*.py")]
+    private = {str(p.relative_to(ROOT)): _library_imports(p)[2] for p in paths}
+    assert {p: names for p, names in private.items() if names} == {}
+
+
+def test_only_the_compilation_module_reaches_into_dynamo():
+    for path in (ROOT / "stochastic_depth").glob("*.py"):
+        if path.stem != "compilation":
+            assert "torch._dynamo" not in path.read_text(), path.name
+    assert "torch._C" not in (ROOT / "stochastic_depth" / "gate.py").read_text()
+
+
+@pytest.mark.parametrize("module", [*IMPORT_ORDER, "stochastic_depth"])
 def test_each_library_module_imports_first_in_a_fresh_interpreter(module):
-    # Also that the base (the gate) does not pull in the models.
     script = (
-        f"import sys, {module}\n"
-        "print('resnet_with_stochastic_depth' in sys.modules)\n"
+        f"import {module}\n"
+        "from stochastic_depth import StochasticDepth, add_stochastic_depth, set_step, stochastic_depth_gates\n"
+        "import torchvision\n"
+        "print(len(stochastic_depth_gates(add_stochastic_depth(torchvision.models.resnet18()))))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    loaded_models = IMPORT_ORDER.index(module) >= IMPORT_ORDER.index("resnet_with_stochastic_depth")
-    assert result.stdout.split() == [str(loaded_models)]
+    assert result.stdout.split() == ["8"]
+
+
+def test_the_packages_all_lists_public_names_that_exist():
+    import stochastic_depth
+
+    assert all(not name.startswith("_") and hasattr(stochastic_depth, name) for name in stochastic_depth.__all__)
 
 
 def test_the_gate_is_importable_from_the_model_file_as_before():

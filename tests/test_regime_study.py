@@ -80,7 +80,7 @@ def test_a_trained_run_is_evaluated_again_from_its_checkpoint(fake_cifar, tmp_pa
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
-# ---------------------------------------------------------------------------------- the schedule map (issue 22)
+# ---------------------------------------------------------------------------------- the schedule map
 
 
 def write_arms(root, errors_by_arm, depth=20, size=5504):

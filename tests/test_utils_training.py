@@ -360,10 +360,12 @@ def test_lockstep_on_each_available_device(small, device, tmp_path):
     assert run(small, iterations=9, device=device, resume_from=tmp_path / "c.pt").models == history.models
 
 
-def test_pick_device():
+def test_pick_device_prefers_cuda_then_mps_then_the_cpu(monkeypatch):
     assert utils.pick_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert utils.pick_device().type == expected
+    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert utils.pick_device().type == expected
 
 
 def test_predict_matches_one_eval_pass_in_batches_and_restores_each_mode():
