@@ -51,13 +51,13 @@ CURVE_TEST_IMAGES = 5000
 CURVE_DRAWS = 3
 _CELL = re.compile(r"d(\d+)-n(\d+)$")
 # The run folders' model names: "plain" and "sd" (stochastic depth throughout) in both maps; "early" and "late"
-# (train.py --drop-schedule) in the schedule map of issue 22 (results/schedules-fashion-mnist).
+# (train.py --drop-schedule) in the schedule map (results/schedules-fashion-mnist).
 ARMS = ("plain", "sd", "early", "late")
 # The training criterion of the schedule map, fixed before its runs: a run trained if its final training error
 # (the last epoch's, as training measured it) is at most this many points above the median of its arm's runs in
 # its cell. A run that fails it is reported, and kept in the comparisons.
 TRAINING_CRITERION_POINTS = 5.0
-# The smallest difference in test error (points) each cell of the schedule map should detect at 80% power (issue 22);
+# The schedule map's bar: the smallest difference in test error (points) each cell should detect at 80% power;
 # a cell whose spread puts it out of reach says how many paired seeds would reach it.
 DETECTABLE_GOAL_POINTS = 3.0
 
@@ -248,7 +248,7 @@ def map_table(rows: list[dict[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------------
-# The schedule map (issue 22): plain against sd, early and late, from files only
+# The schedule map: plain against sd, early and late, from files only
 # ----------------------------------------------------------------------------------
 
 
@@ -364,7 +364,7 @@ def schedule_verdict(row: dict[str, Any]) -> str:
             f"{row['p_value_holm']:.3g} ({len(row['seeds'])} seeds): {word}{notes}")
 
 
-# The published claims the schedule map tests (issue 22): (who, claim, which cell, arm, the verdict that supports it).
+# The published claims the schedule map tests: (who, claim, which cell, arm, the verdict that supports it).
 PAPER_CLAIMS = (
     ("Huang et al. 2016", "stochastic depth lowers the test error of deep ResNets", "deepest", "sd", "lower"),
     ("Liu et al. 2023", "standard stochastic depth hurts small models", "shallowest", "sd", "higher"),
@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["evaluate", "map", "schedules"],
                         help="'map': the sd-against-plain map (map.json, map.md, map.png); 'schedules': the schedule "
-                        "map of issue 22 (schedule_map.json, .md, .png), both from the files in --root only")
+                        "map (schedule_map.json, .md, .png), both from the files in --root only")
     parser.add_argument("--root", type=Path, default=Path("results/regime-fashion-mnist"))
     parser.add_argument("--seed", type=int, help="evaluate: only this seed's runs")
     parser.add_argument("--curve-depth", type=int, default=110, help="evaluate: depth whose runs get a depth curve")
