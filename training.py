@@ -32,6 +32,7 @@ from resnet_with_stochastic_depth import (
     StochasticDepthState,
     StochasticResNet,
     linear_drop_warmup,
+    stochastic_depth_gates,
     stochastic_depth_state,
 )
 from stochastic_depth.evaluation_network import evaluation_mode
@@ -640,8 +641,7 @@ def _set_rng_states(states: Mapping[str, Any], models: Mapping[str, nn.Module]) 
 
 def _stochastic_depth_states(models: Mapping[str, nn.Module]) -> dict[str, StochasticDepthState]:
     """The stochastic-depth state (seed, pass counts, drop warm-up scale) of each model that has one."""
-    states = {name: stochastic_depth_state(model) for name, model in models.items()}
-    return {name: state for name, state in states.items() if state is not None}
+    return {name: stochastic_depth_state(model) for name, model in models.items() if stochastic_depth_gates(model)}
 
 
 def _save_checkpoint(

@@ -259,7 +259,14 @@ def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
     TypeError
         For a model with neither gates nor residual blocks of this library, before anything
         is changed.
+    ValueError
+        For options ``torch.compile`` does not take (an unknown ``mode`` or ``backend``, an
+        unknown keyword), before anything is changed.
     """
+    try:  # torch.compile checks its options when it wraps a function, before anything is compiled
+        torch.compile(_region, **options)
+    except Exception as error:
+        raise ValueError(f"compile_branches: torch.compile does not take the options {options!r}: {error}") from error
     holders = [m for m in model.modules() if isinstance(m, RegionHolder)]
     if not holders:
         raise TypeError(

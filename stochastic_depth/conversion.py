@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from torch import nn
 from torchvision.models import efficientnet as tv_efficientnet
@@ -199,6 +200,26 @@ def block_conversions(model: nn.Module) -> list[BlockConversion]:
     return conversions
 
 
+def _check_arguments(model: Any, survival_rule: Any, p_last: Any, inverted: Any) -> None:
+    """TypeErrors that name the argument, its value and what to pass instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_stochastic_depth: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+    if survival_rule is not None and not (
+        survival_rule in ("linear", "uniform")
+        or (isinstance(survival_rule, Sequence) and not isinstance(survival_rule, str))
+    ):
+        hint = f" (to set the last block's survival probability, pass p_last={survival_rule!r})" \
+            if isinstance(survival_rule, (int, float)) and not isinstance(survival_rule, bool) else ""
+        raise TypeError(
+            f"add_stochastic_depth: survival_rule must be 'linear', 'uniform' or a sequence of probabilities, one per "
+            f"block, got {survival_rule!r}{hint}"
+        )
+    if p_last is not None and (isinstance(p_last, bool) or not isinstance(p_last, (int, float))):
+        raise TypeError(f"add_stochastic_depth: p_last must be a number in [0, 1], got {p_last!r}")
+    if inverted is not None and not isinstance(inverted, bool):
+        raise TypeError(f"add_stochastic_depth: inverted must be True, False or None (the default), got {inverted!r}")
+
+
 def add_stochastic_depth(
     model: nn.Module,
     survival_rule: SurvivalRule | None = None,
@@ -259,10 +280,14 @@ def add_stochastic_depth(
     Raises
     ------
     TypeError
-        When the model has no block to convert, or holds a drop-path module in a block
-        that is not supported (before anything is changed).
+        When the model is not a module, has no block to convert, or holds a drop-path module
+        in a block that is not supported; for an argument of the wrong type (a number as
+        `survival_rule`, a string as `inverted`). Before anything is changed.
+    ValueError
+        For a bad value (a mode, a probability outside [0, 1], a seed), before anything is changed.
     """
     # Check everything before changing the model, so that a bad argument leaves it as it was.
+    _check_arguments(model, survival_rule, p_last, inverted)
     if mode is not None:
         check_mode(mode)
     conversions = block_conversions(model)

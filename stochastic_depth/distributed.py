@@ -33,6 +33,7 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -94,7 +95,7 @@ def branch_modules(block: nn.Module) -> dict[str, list[nn.Module]]:
     return branches
 
 
-def _check_gates_agree(gates: Sequence[StochasticDepth], group: dist.ProcessGroup | None) -> None:
+def _check_gates_agree(gates: Sequence[StochasticDepth], group: dist.ProcessGroup | None, wrapper: str) -> None:
     """Raise unless every process's gates have the same seed, index, mode and survival probability.
 
     Under FSDP2, processes that drew different branches call different all-gathers: gloo aborts
@@ -104,16 +105,27 @@ def _check_gates_agree(gates: Sequence[StochasticDepth], group: dist.ProcessGrou
     mismatch found here, once, before training, is an error. It cannot catch what happens later:
     a ``set_step`` with another step on one process.
     """
-    mine = [(g.seed, g.index, g.mode, g.survival_prob) for g in gates]
+    fields = ("seed", "index", "mode", "survival_prob")
+    mine = [tuple(getattr(g, f) for f in fields) for g in gates]
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
+    consequence = {
+        "fully_shard_stochastic_depth": "their all-gathers would not match",
+        "data_parallel": "they would train different sub-networks and average their gradients",
+    }[wrapper]
     for rank, theirs in enumerate(everyone):
         if theirs != mine:
+            if len(theirs) != len(mine):
+                differs = f"{len(theirs)} gates there, {len(mine)} here"
+            else:
+                gate, here, there = next((i, a, b) for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+                names = [f for f, a, b in zip(fields, here, there) if a != b]
+                differs = f"gate {gate}: {', '.join(f'{n} {b!r} there, {a!r} here' for n, a, b in zip(fields, here, there) if n in names)}"
             raise ValueError(
-                f"the stochastic-depth gates of process {rank} differ from this process's (seed, index, mode or "
-                "survival probability): processes must drop the same branches, or their all-gathers would not "
-                "match. Build the model with the same seed= on every process (add_stochastic_depth(model, seed=...), "
-                "StochasticResNet(..., seed=...))"
+                f"{wrapper}: the stochastic-depth gates of process {rank} differ from this process's ({differs}): "
+                f"processes must drop the same branches, or {consequence}. Build the model alike on every process: "
+                "the same seed= (add_stochastic_depth(model, seed=...), StochasticResNet(..., seed=...)), the same "
+                "mode and the same rates (drop_path_rate, stochastic_depth_prob, p_last)"
             )
 
 
@@ -177,11 +189,22 @@ def fully_shard_stochastic_depth(
     gates = stochastic_depth_gates(model)
     if not gates:
         raise TypeError(f"{type(model).__name__} has no StochasticDepth gates: shard it with fully_shard")
+    # The arguments' types, before anything is sharded (fully_shard would fail at the first forward).
+    for name, value, kind, example in (
+        ("mesh", mesh, DeviceMesh, "init_device_mesh('cpu', (world_size,))"),
+        ("mp_policy", mp_policy, MixedPrecisionPolicy, "MixedPrecisionPolicy(param_dtype=torch.bfloat16)"),
+        ("offload_policy", offload_policy, OffloadPolicy, "CPUOffloadPolicy()"),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(
+                f"fully_shard_stochastic_depth: {name} must be a {kind.__name__} or None, got {value!r} "
+                f"(e.g. {name}={example})"
+            )
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise TypeError("the model is sharded already (a module of it is an FSDPModule): pass the unsharded model")
     # (over the mesh's processes; for a mesh of several dimensions, over the default group's)
     group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None
-    _check_gates_agree(gates, group)
+    _check_gates_agree(gates, group, "fully_shard_stochastic_depth")
     if all(g.mode != "batch" for g in gates):
         warnings.warn(
             f"no gate of {type(model).__name__} is in batch mode (add_stochastic_depth's default for torchvision "
@@ -248,7 +271,7 @@ def data_parallel(model: nn.Module, **ddp_options: Any) -> DistributedDataParall
     gates = stochastic_depth_gates(model)
     if not gates:
         raise TypeError(f"{type(model).__name__} has no StochasticDepth gates: use DistributedDataParallel")
-    _check_gates_agree(gates, ddp_options.get("process_group"))
+    _check_gates_agree(gates, ddp_options.get("process_group"), "data_parallel")
     can_drop = any(g.survival_prob < 1.0 for g in gates)
     if can_drop and ddp_options.get("static_graph", False):
         raise ValueError(

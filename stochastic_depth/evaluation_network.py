@@ -39,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resnet_with_stochastic_depth import BasicBlock, Bottleneck
 from stochastic_depth.gate import StochasticDepth
+from stochastic_depth.library_blocks import GatedBlock, converted_class
 
 __all__ = ["evaluation_mode", "keep_blocks", "recompute_batchnorm_statistics", "residual_blocks"]
 
@@ -49,16 +50,25 @@ def residual_blocks(model: nn.Module) -> list[BasicBlock | Bottleneck]:
     Raises
     ------
     TypeError
-        If `model` holds torchvision blocks (convert it with ``add_stochastic_depth`` first:
-        ``p_last=1.0`` keeps it plain) or has no residual block at all.
+        If `model` holds torchvision ResNet blocks (convert it with ``add_stochastic_depth``
+        first: ``p_last=1.0`` keeps it plain), blocks of other kinds (timm's, ConvNeXt's, ...;
+        converted or not), or no residual block at all.
     """
-    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
-    foreign = [type(m).__name__ for m in model.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")
-               and not isinstance(m, (BasicBlock, Bottleneck))]  # fmt: skip
-    if foreign:
+    ours = (BasicBlock, Bottleneck)
+    blocks = [m for m in model.modules() if isinstance(m, ours)]
+    torchvisions = [m for m in model.modules() if not isinstance(m, ours) and converted_class(type(m)) in ours]
+    if torchvisions:
         raise TypeError(
-            f"{type(model).__name__} has {len(foreign)} blocks of another library ({foreign[0]}): convert it with "
-            "resnet_with_stochastic_depth.add_stochastic_depth(model) (p_last=1.0 keeps it a plain network)"
+            f"{type(model).__name__} has {len(torchvisions)} torchvision ResNet blocks ({type(torchvisions[0]).__name__}): "
+            "convert it with add_stochastic_depth(model) first (p_last=1.0 keeps it a plain network)"
+        )
+    others = [m for m in model.modules() if isinstance(m, GatedBlock) and not isinstance(m, ours)
+              or not isinstance(m, GatedBlock) and converted_class(type(m)) is not None]  # fmt: skip
+    if others:
+        raise TypeError(
+            f"{type(model).__name__} has residual blocks of a kind this function does not handle yet "
+            f"({type(others[0]).__name__}): it works on the ResNets of resnet_with_stochastic_depth and on "
+            "torchvision's ResNets converted by add_stochastic_depth"
         )
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no residual blocks (BasicBlock or Bottleneck of this project)")

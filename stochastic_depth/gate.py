@@ -648,8 +648,12 @@ class StochasticDepthState:
                 "pass what get_state() returned (not a whole checkpoint); a state saved by another version "
                 "of this module cannot continue these gates' draws"
             )
-        if any(len(state[name]) != len(self.gates) for name in _GATE_STATE):
-            raise ValueError(f"the state is of {len(state['passes'])} gates, this model has {len(self.gates)}")
+        lengths = {name: len(state[name]) for name in _GATE_STATE}
+        if any(length != len(self.gates) for length in lengths.values()):
+            raise ValueError(
+                f"the state's lists have the lengths {lengths}, but this model has {len(self.gates)} gates: pass what "
+                "get_state() returned for a model converted alike (the same blocks, the same gates)"
+            )
         values = list(zip(
             [_check_seed(seed) for seed in state["seed"]],
             [bool(given) for given in state["seed_given"]],
@@ -670,7 +674,18 @@ def stochastic_depth_gates(model: nn.Module) -> list[StochasticDepth]:
     return [m for m in model.modules() if isinstance(m, StochasticDepth)]
 
 
-def stochastic_depth_state(model: nn.Module) -> StochasticDepthState | None:
-    """The :class:`StochasticDepthState` of `model`'s gates, or None if it has none."""
+def stochastic_depth_state(model: nn.Module) -> StochasticDepthState:
+    """The :class:`StochasticDepthState` of `model`'s gates.
+
+    Raises
+    ------
+    TypeError
+        For a model without gates (``stochastic_depth_gates(model)`` tells first).
+    """
     gates = stochastic_depth_gates(model)
-    return StochasticDepthState(gates) if gates else None
+    if not gates:
+        raise TypeError(
+            f"stochastic_depth_state: {type(model).__name__} has no StochasticDepth gates; convert it with "
+            "add_stochastic_depth first (or check stochastic_depth_gates(model) before)"
+        )
+    return StochasticDepthState(gates)

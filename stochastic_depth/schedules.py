@@ -13,6 +13,9 @@ probability in force, ``1 - drop_scale * (1 - p_l)``.
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 __all__ = ["early_drops", "late_drops", "linear_drop_warmup"]
 
 
@@ -22,8 +25,7 @@ def linear_drop_warmup(step: int, warmup_steps: int) -> float:
     0 at step 0 (no block dropped), rising linearly to 1 (the target drop rates) at
     `warmup_steps` and staying there; 1 throughout when `warmup_steps` is 0.
     """
-    if warmup_steps < 0 or step < 0:
-        raise ValueError(f"step and warmup_steps must be non-negative, got {step} and {warmup_steps}")
+    _check_steps(step, warmup_steps, "warmup_steps")
     return 1.0 if step >= warmup_steps else step / warmup_steps
 
 
@@ -51,6 +53,16 @@ def late_drops(step: int, drop_from: int) -> float:
     return 0.0 if step < drop_from else 1.0
 
 
-def _check_steps(step: int, steps: int, name: str) -> None:
-    if steps < 0 or step < 0:
-        raise ValueError(f"step and {name} must be non-negative, got {step} and {steps}")
+def _check_steps(step: Any, steps: Any, name: str) -> None:
+    """Both numbers of steps are non-negative integers (int, numpy's, a 0-d integer tensor)."""
+    for value, what in ((step, "step"), (steps, name)):
+        try:
+            number = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            number = None
+        if number is None or number < 0:
+            fraction = " (a fraction of training? multiply it by the number of training steps)" \
+                if isinstance(value, float) and 0 < value < 1 else ""
+            raise (TypeError if number is None else ValueError)(
+                f"{what} must be a non-negative integer number of steps, got {value!r}{fraction}"
+            )

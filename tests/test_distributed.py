@@ -341,8 +341,11 @@ def test_fsdp2_gradient_accumulation_with_a_sub_network_per_micro_batch_equals_o
         torch.testing.assert_close(results[0]["params"][name], value.detach(), rtol=0, atol=2e-5, msg=name)
 
 
-def _mismatched_seed_worker(rank, wrap):
-    model = add_stochastic_depth(tiny_vit(convert=False), seed=rank)
+def _mismatched_seed_worker(rank, wrap, differ):
+    if differ == "seed":
+        model = add_stochastic_depth(tiny_vit(convert=False), seed=rank)
+    else:  # a drop rate per process
+        model = add_stochastic_depth(tiny_vit(convert=False), p_last=0.5 + 0.1 * rank, seed=SEED)
     try:
         (fully_shard_stochastic_depth if wrap == "fsdp2" else data_parallel)(model)
     except ValueError as error:
@@ -350,12 +353,17 @@ def _mismatched_seed_worker(rank, wrap):
     return None
 
 
+@pytest.mark.parametrize("differ", ["seed", "survival_prob"])
 @pytest.mark.parametrize("wrap", ["fsdp2", "ddp"])
-def test_processes_whose_gates_differ_are_refused(wrap):
+def test_processes_whose_gates_differ_are_refused(wrap, differ):
     # Under DDP they would silently train different sub-networks (a new user's run: parameters
     # equal, drops different); under FSDP2 abort in gloo or pair shards of different blocks.
-    messages = spawn(_mismatched_seed_worker, wrap)
-    assert all(m is not None and "same seed=" in m for m in messages)
+    messages = spawn(_mismatched_seed_worker, wrap, differ)
+    wrapper, consequence = {"fsdp2": ("fully_shard_stochastic_depth", "all-gathers"),
+                            "ddp": ("data_parallel", "different sub-networks")}[wrap]
+    for m in messages:
+        assert m is not None and m.startswith(wrapper) and consequence in m and "same seed=" in m, m
+        assert f"{differ} " in m, m  # names what differs
 
 
 def _row_subset_only_worker(rank):

@@ -492,7 +492,7 @@ def test_add_stochastic_depth_with_a_bad_argument_leaves_the_model_as_it_was():
         with pytest.raises(ValueError):
             add_stochastic_depth(model, **kwargs)
         assert {name: type(m) for name, m in model.named_modules()} == before
-        assert stochastic_depth_state(model) is None
+        assert not stochastic_depth_gates(model)
 
 
 def test_converted_torchvision_model_draws_like_stochastic_resnet_and_adds_nothing_else():

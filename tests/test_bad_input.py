@@ -1,0 +1,106 @@
+"""Bad input gets an error that names the argument, the value and what to pass, before anything changes."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from test_library_blocks import build
+
+from resnet_with_stochastic_depth import StochasticResNet, add_stochastic_depth, stochastic_depth_gates
+from stochastic_depth.compilation import compile_branches
+from stochastic_depth.distributed import fully_shard_stochastic_depth
+from stochastic_depth.evaluation_network import keep_blocks
+from stochastic_depth.gate import stochastic_depth_state
+from stochastic_depth.schedules import early_drops, late_drops, linear_drop_warmup
+
+
+def _structure(model):
+    return [(name, type(m), getattr(m, "compile_options", None)) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, words",
+    [
+        ((0.5,), {}, TypeError, ["survival_rule", "0.5", "p_last=0.5"]),
+        (("quadratic",), {}, TypeError, ["survival_rule", "'quadratic'"]),
+        ((), {"p_last": "0.5"}, TypeError, ["p_last", "'0.5'"]),
+        ((), {"inverted": "false"}, TypeError, ["inverted", "'false'"]),
+        ((), {"mode": "rows"}, ValueError, ["mode", "'rows'"]),
+        ((), {"p_last": 2.0}, ValueError, ["p_last", "2.0"]),
+    ],
+)
+def test_add_stochastic_depth_names_a_bad_argument_and_changes_nothing(args, kwargs, error, words):
+    model = torchvision.models.resnet18(num_classes=10)
+    before = _structure(model)
+    with pytest.raises(error) as raised:
+        add_stochastic_depth(model, *args, **kwargs)
+    assert all(word in str(raised.value) for word in words), str(raised.value)
+    assert _structure(model) == before
+
+
+@pytest.mark.parametrize("model", [None, "resnet18"])
+def test_add_stochastic_depth_of_something_that_is_not_a_module(model):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        add_stochastic_depth(model)
+
+
+@pytest.mark.parametrize("schedule", [early_drops, late_drops, linear_drop_warmup])
+@pytest.mark.parametrize(
+    "steps, error, words",
+    [(0.25, TypeError, ["0.25", "multiply it by the number of training steps"]), (float("nan"), TypeError, ["nan"]),
+     ("10", TypeError, ["'10'"]), (None, TypeError, ["None"]), (-1, ValueError, ["-1"])],
+)
+def test_schedules_take_whole_numbers_of_steps(schedule, steps, error, words):
+    with pytest.raises(error) as raised:
+        schedule(3, steps)
+    assert all(word in str(raised.value) for word in words), str(raised.value)
+    with pytest.raises(TypeError, match="step must be"):
+        schedule(2.5, 10)
+    assert schedule(torch.tensor(3), 10) == schedule(3, 10)  # integer types of other libraries
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"mp_policy": "bf16"}, "mp_policy"), ({"mp_policy": torch.bfloat16}, "mp_policy"), ({"mesh": "cpu"}, "mesh"),
+     ({"offload_policy": True}, "offload_policy")],
+)
+def test_fully_shard_names_an_argument_of_the_wrong_type_before_sharding(kwargs, name):
+    model = StochasticResNet.cifar(8, seed=0)
+    before = _structure(model)
+    with pytest.raises(TypeError, match=f"fully_shard_stochastic_depth: {name} must be a"):
+        fully_shard_stochastic_depth(model, **kwargs)
+    assert _structure(model) == before
+
+
+@pytest.mark.parametrize("options", [{"mode": "fastest"}, {"backend": "no-such-backend"}, {"fulgraph": True}])
+def test_compile_branches_refuses_options_torch_compile_does_not_take(options):
+    model = StochasticResNet.cifar(8, seed=0)
+    before = _structure(model)
+    with pytest.raises(ValueError, match="compile_branches: torch.compile does not take"):
+        compile_branches(model, **options)
+    assert _structure(model) == before
+
+
+def test_the_state_of_a_model_without_gates_is_an_error_that_says_what_to_do():
+    with pytest.raises(TypeError, match="has no StochasticDepth gates; convert it with add_stochastic_depth"):
+        stochastic_depth_state(torchvision.models.resnet18())
+
+
+def test_a_state_of_other_gates_names_the_lengths():
+    model = StochasticResNet.cifar(8, seed=0)
+    state = stochastic_depth_state(model).get_state()
+    state["passes"] = state["passes"][:-1]
+    with pytest.raises(ValueError, match=r"'passes': 2.*this model has 3 gates"):
+        stochastic_depth_state(model).set_state(state)
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_keep_blocks_on_a_kind_of_block_it_does_not_handle_says_so(convert):
+    model = build("timm ResNet basic")
+    model = add_stochastic_depth(copy.deepcopy(model)) if convert else model
+    with pytest.raises(TypeError, match="does not handle yet") as raised:
+        with keep_blocks(model, [0]):
+            pass
+    assert "has no residual blocks" not in str(raised.value)
+    assert stochastic_depth_gates(model) or not convert
