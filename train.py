@@ -262,7 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "survival probability in force at the last step: after 'early', every block at full strength")
     model.add_argument("--drop-switch", type=float, default=_DEFAULTS["drop_switch"],
                        help="fraction of the run's optimizer steps after which an 'early' schedule stops dropping and "
-                       "a 'late' one starts: floor(f * total steps)")
+                       "a 'late' one starts: step floor(f * epochs * steps per epoch), whatever --max-steps stops at; "
+                       "the start-up line prints that step")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="default 500 (SVHN: 50)")
     optim.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="of all processes together")
@@ -296,7 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                      help="continue from CHECKPOINT (default: OUTPUT_DIR/checkpoint.pt)")  # fmt: skip
     run.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="weights, split, batch order, drops, augmentation")
-    run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
+    run.add_argument("--max-steps", type=int,
+                     help="stop after this many optimizer steps in all (smoke tests); the schedules still follow "
+                     "--epochs. Stopped inside an epoch, a run writes checkpoint.pt (metrics.json: at each epoch's end)")
     run.add_argument("--device", help="default: cuda (this process's GPU under torchrun) if available, else cpu")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels_last memory format (default: on CUDA only)")  # fmt: skip
@@ -840,18 +843,13 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
 
     config = {**vars(args), **asdict(recipe), "world_size": processes.world_size, "device": str(processes.device),
               "parameters": sum(p.numel() for p in training.model.parameters()), "torch": torch.__version__}  # fmt: skip
-    if processes.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model_text = "plain" if recipe.plain else f"stochastic depth p_L={recipe.p_last}"
-        if recipe.drop_schedule != "constant":
-            model_text += f", {recipe.drop_schedule} drops (switch after {recipe.drop_switch:g} of the steps)"
-        print(f"train.py: {recipe.dataset}, ResNet-{recipe.depth} ({config['parameters']:,} parameters), {model_text}, "
-              f"{processes.world_size} process(es) on {processes.device}, {data.steps_per_epoch} steps per epoch",
-              flush=True)  # fmt: skip
-
     steps_per_epoch = data.steps_per_epoch
     total_steps = recipe.epochs * steps_per_epoch
     stop_at = min(total_steps, args.max_steps or total_steps)
+    if processes.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print(start_up_line(recipe, config["parameters"], processes, steps_per_epoch, stop_at), flush=True)
+
     drops: list[Tensor] | None = [] if record_drops else None
     bar = tqdm(total=stop_at, initial=step, disable=not (processes.is_main and args.progress), unit="step", dynamic_ncols=True)
     while step < stop_at:
@@ -879,9 +877,34 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
     if processes.is_main and records:
         write_metrics(output_dir, records, summary, config)
     if processes.is_main:
-        where = f"stopped after step {step} of {total_steps}" if step < total_steps else "done"
-        print(f"train.py: {where}; {json.dumps(summary)}", flush=True)
+        if step == total_steps:
+            print(f"train.py: done; {json.dumps(summary)}", flush=True)
+        elif records:
+            print(f"train.py: stopped after step {step} of {total_steps} (--max-steps), in epoch {step // steps_per_epoch + 1} "
+                  f"of {recipe.epochs}; {json.dumps(summary)}", flush=True)
+        else:
+            print(f"train.py: stopped after step {step} of {total_steps} (--max-steps), inside the first epoch "
+                  f"({steps_per_epoch} steps): {output_dir / 'checkpoint.pt'} written, no metrics.json yet (it is "
+                  "written at the end of each epoch); --resume continues the run", flush=True)
     return RunResult(records, summary, training.model, step, drops)
+
+
+def start_up_line(recipe: Recipe, parameters: int, processes: Processes, steps_per_epoch: int, stop_at: int) -> str:
+    """What train.py prints first: the data, the model, the drops (with a schedule's switch step) and the processes."""
+    model_text = "plain" if recipe.plain else f"stochastic depth p_L={recipe.p_last}"
+    total_steps = recipe.epochs * steps_per_epoch
+    notes = ""
+    if recipe.drop_schedule != "constant" and not recipe.plain:
+        switch = math.floor(recipe.drop_switch * total_steps)
+        model_text += (f", {recipe.drop_schedule} drops: {'stop' if recipe.drop_schedule == 'early' else 'start'} at step "
+                       f"{switch:,} of {total_steps:,} (--drop-switch {recipe.drop_switch:g} of all the steps)")
+        if stop_at <= switch:
+            never = "drops throughout" if recipe.drop_schedule == "early" else "drops nothing"
+            notes = (f"\ntrain.py: note: --max-steps stops at step {stop_at:,}, before the switch at step {switch:,}: "
+                     f"this run {never}")
+    return (f"train.py: {recipe.dataset}, ResNet-{recipe.depth} ({parameters:,} parameters), {model_text}, "
+            f"{processes.world_size} process(es) on {processes.device}, {steps_per_epoch} steps per epoch, "
+            f"{recipe.epochs} epochs{notes}")
 
 
 def train_epoch(

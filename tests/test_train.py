@@ -251,6 +251,25 @@ def test_a_drop_schedule_drops_only_in_its_phase_and_a_resumed_run_continues_it(
         train.main(schedule_argv(fake_cifar, tmp_path / "parts", "constant", "--resume"))
 
 
+@pytest.mark.parametrize("schedule, never", [("early", "drops throughout"), ("late", "drops nothing")])
+def test_the_start_up_line_gives_the_switch_step_and_says_when_max_steps_stops_before_it(
+        fake_cifar, tmp_path, capsys, schedule, never):
+    train.main(schedule_argv(fake_cifar, tmp_path / "a", schedule, "--max-steps", "2"))
+    out = capsys.readouterr().out
+    # 4 epochs of 3 steps, --drop-switch 0.5: the switch is step 6 of 12.
+    assert f"{schedule} drops: {'stop' if schedule == 'early' else 'start'} at step 6 of 12" in out
+    assert f"--max-steps stops at step 2, before the switch at step 6: this run {never}" in out
+    # Stopped inside the first epoch: what was written, and why there is no metrics.json yet.
+    assert "inside the first epoch (3 steps)" in out and "checkpoint.pt written, no metrics.json yet" in out
+    assert (tmp_path / "a" / "checkpoint.pt").is_file() and not (tmp_path / "a" / "metrics.json").exists()
+    train.main(schedule_argv(fake_cifar, tmp_path / "b", schedule, "--max-steps", "7"))
+    out = capsys.readouterr().out
+    assert "before the switch" not in out and "stopped after step 7 of 12 (--max-steps), in epoch 3 of 4" in out
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "whatever --max-steps stops at" in " ".join(capsys.readouterr().out.split())
+
+
 def test_after_early_drops_evaluation_runs_every_block_at_full_strength(fake_cifar, tmp_path):
     # The gates scale a residual at test time by the survival probability in force, 1 - drop_scale * (1 - p_l):
     # after an early schedule (drop_scale 0) by 1, so the trained network evaluates as a plain ResNet with its weights.
