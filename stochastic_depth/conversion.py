@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -204,17 +203,15 @@ def _check_arguments(model: Any, survival_rule: Any, p_last: Any, inverted: Any)
     """TypeErrors that name the argument, its value and what to pass instead."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_stochastic_depth: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
-    if survival_rule is not None and not (
-        survival_rule in ("linear", "uniform")
-        or (isinstance(survival_rule, Sequence) and not isinstance(survival_rule, str))
-    ):
+    # A rule's name (checked later) or any sequence of probabilities (a list, an array, a tensor).
+    if survival_rule is not None and (isinstance(survival_rule, (int, float)) or not hasattr(survival_rule, "__iter__")):
         hint = f" (to set the last block's survival probability, pass p_last={survival_rule!r})" \
             if isinstance(survival_rule, (int, float)) and not isinstance(survival_rule, bool) else ""
         raise TypeError(
             f"add_stochastic_depth: survival_rule must be 'linear', 'uniform' or a sequence of probabilities, one per "
             f"block, got {survival_rule!r}{hint}"
         )
-    if p_last is not None and (isinstance(p_last, bool) or not isinstance(p_last, (int, float))):
+    if isinstance(p_last, (str, bytes, bool)):
         raise TypeError(f"add_stochastic_depth: p_last must be a number in [0, 1], got {p_last!r}")
     if inverted is not None and not isinstance(inverted, bool):
         raise TypeError(f"add_stochastic_depth: inverted must be True, False or None (the default), got {inverted!r}")

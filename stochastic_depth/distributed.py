@@ -17,6 +17,9 @@ block's unit, which is all-gathered whenever the block runs; for ``"row"`` that 
 reduce-scatters zeros for parameters a process did not use, so that every process
 reduce-scatters the same tensors. The row modes save computation, not communication.
 
+:func:`get_checkpoint_state` and :func:`set_checkpoint_state` save and restore a sharded run
+exactly, also when some branches have not run yet (and so have no optimizer state).
+
 :func:`data_parallel` wraps a model in ``DistributedDataParallel`` with the options the
 gates need (``find_unused_parameters=True``) and refuses ``static_graph=True``, under
 which DDP would assume the same parameters unused at every step.
@@ -31,18 +34,28 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from stochastic_depth.gate import StochasticDepth, stochastic_depth_gates
+from stochastic_depth.gate import StochasticDepth, stochastic_depth_gates, stochastic_depth_state
 from stochastic_depth.library_blocks import GatedBlock
 
 __all__ = [
     "branch_modules",
+    "get_checkpoint_state",
+    "set_checkpoint_state",
     "data_parallel",
     "fully_shard_stochastic_depth",
     "gated_blocks",
@@ -246,6 +259,73 @@ def _unsharded_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
     """The parameters of `module` that no FSDP unit inside it manages yet."""
     # fully_shard replaces the parameters it manages by DTensors
     return (p for p in module.parameters() if not isinstance(p, DTensor))
+
+
+def get_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a checkpoint of a sharded (or any) model with gates needs, on the CPU.
+
+    The full model and optimizer state dicts (``get_model_state_dict`` /
+    ``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True``: on rank 0
+    only, empty elsewhere; call it on every process, it gathers) and the gates' state. Save it
+    from rank 0 (``torch.save``) and restore it with :func:`set_checkpoint_state`.
+
+    A branch that its gate has dropped at every step so far has no optimizer state yet (an
+    optimizer makes a parameter's state at its first gradient): the checkpoint holds none for
+    it, and :func:`set_checkpoint_state` leaves it without, as the uninterrupted run has it.
+
+    Returns
+    -------
+    dict
+        ``{"model": ..., "optimizer": ..., "stochastic_depth": ...}``.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {
+        "model": get_model_state_dict(model, options=options),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+        "stochastic_depth": stochastic_depth_state(model).get_state(),
+    }
+
+
+def set_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None) -> None:
+    """Restore what :func:`get_checkpoint_state` returned, on every process.
+
+    Call it on every process of the new run, after sharding the model and making its optimizer,
+    with the checkpoint on rank 0 (other processes may pass None or ``{}``): rank 0 sends the
+    state dicts out (``broadcast_from_rank0=True``). A parameter without optimizer state in the
+    checkpoint (a branch not run yet) stays without: loading alone would give it a state at step
+    1 with zero moments (what ``set_optimizer_state_dict`` initialises with), and AdamW would
+    then continue otherwise than the uninterrupted run.
+
+    Raises
+    ------
+    ValueError
+        On rank 0, for a state without the keys :func:`get_checkpoint_state` gives.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    keys = {"model", "optimizer", "stochastic_depth"}
+    if rank == 0 and (not isinstance(state, dict) or set(state) != keys):
+        raise ValueError(f"set_checkpoint_state: expected what get_checkpoint_state returned, with the keys {sorted(keys)}, "
+                         f"got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    state = state or {}
+    # Rank 0 tells every process which parameters had optimizer state, and the gates' state.
+    shared = [(set(state["optimizer"]["state"]), state["stochastic_depth"]) if rank == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(shared, src=0)
+    with_state, gates = shared[0]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state.get("model", {}), options=options)
+    set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    for name, parameter in model.named_parameters():
+        if _plain_name(name) not in with_state:
+            optimizer.state.pop(parameter, None)
+    stochastic_depth_state(model).set_state(gates)
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name as the state dicts give it: without the wrappers' prefixes (activation
+    checkpointing's, torch.compile's)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def data_parallel(model: nn.Module, **ddp_options: Any) -> DistributedDataParallel:

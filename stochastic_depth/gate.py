@@ -393,17 +393,22 @@ class StochasticDepth(RegionHolder):
         return self._train(branch, x, shortcut)
 
     def _evaluate(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
-        # The survival probability in force (p_l, or more while drop_scale < 1): after a
-        # schedule that ends with fewer drops, evaluation is the network training ended with.
-        p = _warmed_up(self.survival_prob, self._drop_scale)
+        # A branch never trained with (p_l = 0, drop_scale 1) is left out at test time too. Read so
+        # that drop_scale is looked at only then: under torch.compile, whatever the traced code reads
+        # is guarded on, and an inverted gate's output does not depend on drop_scale otherwise (an
+        # evaluation at every drop_scale of a warm-up would recompile the model each time).
+        left_out = self.survival_prob == 0.0 and self._drop_scale == 1.0
         # torch.compile replays this write after its graph (no guard on it); torch.export
         # allows no attribute writes.
         if not torch.compiler.is_exporting():
-            self._last_active = p > 0.0
-        if p == 0.0:  # never trained with this branch: leave it out at test time too
+            self._last_active = not left_out
+        if left_out:
             return shortcut
         residual = self.run_region(branch, x)
-        out = shortcut.add(residual, alpha=1.0 if self.inverted else p)
+        # Not inverted: scaled by the survival probability in force (p_l, or more while
+        # drop_scale < 1): after a schedule that ends with fewer drops, evaluation is the
+        # network training ended with.
+        out = shortcut.add(residual, alpha=1.0 if self.inverted else _warmed_up(self.survival_prob, self._drop_scale))
         return out if isinstance(x, torch.fx.Proxy) else _in_layout_of(out, residual)
 
     @eager_frame
