@@ -21,11 +21,11 @@ residual scaled by its survival probability ``p_l``. The tools that act on that 
     ``torch.optim.swa_utils.update_bn`` does not fit: it runs the model in training mode, where
     it samples sub-networks.
 
-``keep_blocks`` and ``recompute_batchnorm_statistics`` work on ResNets: ``ResNet`` and
-``StochasticResNet`` of ``resnet_with_stochastic_depth``, and torchvision ResNets after
-``add_stochastic_depth`` (not on the converted ConvNeXt, Swin, EfficientNet or timm blocks).
-They use only the blocks' public attributes (``downsample``, ``stochastic_depth``, and a
-``StochasticDepth`` gate's evaluation rule), not how gates draw while training.
+``keep_blocks`` works on every network with gates: ``ResNet`` and ``StochasticResNet`` of
+``resnet_with_stochastic_depth`` and every family ``add_stochastic_depth`` converts (a
+transformer layer is one block of two branches, or two units with ``by="gate"``).
+``recompute_batchnorm_statistics`` works on any model with BatchNorm layers (it reads only
+them). Both use the gates' evaluation rule, not how gates draw while training.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from resnet_with_stochastic_depth import BasicBlock, Bottleneck
 from stochastic_depth.gate import StochasticDepth
 from stochastic_depth.library_blocks import GatedBlock, converted_class
 
-__all__ = ["evaluation_mode", "keep_blocks", "recompute_batchnorm_statistics", "residual_blocks"]
+__all__ = ["depth_units", "evaluation_mode", "keep_blocks", "recompute_batchnorm_statistics", "residual_blocks"]
 
 
 def residual_blocks(model: nn.Module) -> list[BasicBlock | Bottleneck]:
@@ -50,28 +50,23 @@ def residual_blocks(model: nn.Module) -> list[BasicBlock | Bottleneck]:
     Raises
     ------
     TypeError
-        If `model` holds torchvision ResNet blocks (convert it with ``add_stochastic_depth``
-        first: ``p_last=1.0`` keeps it plain), blocks of other kinds (timm's, ConvNeXt's, ...;
-        converted or not), or no residual block at all.
+        If `model` holds blocks not converted yet (convert it with ``add_stochastic_depth``
+        first: ``p_last=1.0`` keeps it plain), or no block of this project's ResNets.
     """
     ours = (BasicBlock, Bottleneck)
     blocks = [m for m in model.modules() if isinstance(m, ours)]
-    torchvisions = [m for m in model.modules() if not isinstance(m, ours) and converted_class(type(m)) in ours]
-    if torchvisions:
+    unconverted = [m for m in model.modules() if not isinstance(m, GatedBlock) and converted_class(type(m)) is not None]
+    if unconverted:
         raise TypeError(
-            f"{type(model).__name__} has {len(torchvisions)} torchvision ResNet blocks ({type(torchvisions[0]).__name__}): "
-            "convert it with add_stochastic_depth(model) first (p_last=1.0 keeps it a plain network)"
-        )
-    others = [m for m in model.modules() if isinstance(m, GatedBlock) and not isinstance(m, ours)
-              or not isinstance(m, GatedBlock) and converted_class(type(m)) is not None]  # fmt: skip
-    if others:
-        raise TypeError(
-            f"{type(model).__name__} has residual blocks of a kind this function does not handle yet "
-            f"({type(others[0]).__name__}): it works on the ResNets of resnet_with_stochastic_depth and on "
-            "torchvision's ResNets converted by add_stochastic_depth"
+            f"{type(model).__name__} has {len(unconverted)} residual blocks not converted yet "
+            f"({type(unconverted[0]).__module__}.{type(unconverted[0]).__name__}): convert it with "
+            "add_stochastic_depth(model) first (p_last=1.0 keeps it a plain network)"
         )
     if not blocks:
-        raise TypeError(f"{type(model).__name__} has no residual blocks (BasicBlock or Bottleneck of this project)")
+        raise TypeError(
+            f"{type(model).__name__} has no residual blocks of resnet_with_stochastic_depth (BasicBlock, Bottleneck); "
+            "depth_units and keep_blocks number the blocks of any network converted by add_stochastic_depth"
+        )
     return blocks
 
 
@@ -96,41 +91,73 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
         module.training = training
 
 
-def _set_gate(block: nn.Module, gate: StochasticDepth | None, had_child: bool) -> None:
-    """Put `gate` on `block`; None puts back a plain block exactly as it was built (an attribute, no child)."""
+def _set_gate(block: nn.Module, name: str, gate: StochasticDepth | None, had_child: bool) -> None:
+    """Put `gate` on `block` as `name`; None puts back a plain block exactly as it was built (an attribute, no child)."""
     if gate is not None or had_child:
-        block.stochastic_depth = gate
+        setattr(block, name, gate)
     else:
         # nn.Module.__setattr__ would keep a None child entry; a plain block has a plain attribute.
-        block._modules.pop("stochastic_depth", None)
-        block.__dict__["stochastic_depth"] = None
+        block._modules.pop(name, None)
+        block.__dict__[name] = None
+
+
+def depth_units(model: nn.Module, by: str = "block") -> list[list[tuple[nn.Module, str]]]:
+    """What :func:`keep_blocks` numbers: each unit a list of (block, gate attribute) pairs, in forward order.
+
+    ``by="block"``: one unit per residual block, with all its gates (a transformer layer's
+    attention and MLP branches together); this project's ResNets (also plain ones, whose blocks
+    hold no gate yet) are numbered as :func:`residual_blocks` numbers them. ``by="gate"``: one
+    unit per gate, in ``stochastic_depth_gates`` order (the same as by block where a block has one
+    gate).
+
+    Raises
+    ------
+    TypeError
+        For a model whose blocks cannot be numbered (see :func:`residual_blocks`); ValueError
+        for another `by`.
+    """
+    if by not in ("block", "gate"):
+        raise ValueError(f"by must be 'block' or 'gate', got {by!r}")
+    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
+        blocks: list[nn.Module] = residual_blocks(model)
+    else:
+        blocks = [m for m in model.modules() if isinstance(m, GatedBlock) and m.gated]
+        if not blocks:
+            residual_blocks(model)  # raises the error that says what to do
+    units = [[(block, name) for name in type(block).GATES] for block in blocks]
+    return units if by == "block" else [[pair] for unit in units for pair in unit]
 
 
 @contextlib.contextmanager
-def keep_blocks(model: nn.Module, keep: Iterable[int], *, unscaled: bool = False) -> Iterator[nn.Module]:
-    """Evaluate `model` with only the residual blocks `keep`; the others become the identity.
+def keep_blocks(model: nn.Module, keep: Iterable[int], *, unscaled: bool = False, by: str = "block") -> Iterator[nn.Module]:
+    """Evaluate `model` with only the residual blocks (or branches) `keep`; the others' branches are not computed.
 
-    Inside the ``with`` block the model is in eval mode and block ``l`` (numbered as
-    :func:`residual_blocks` does) outputs
+    Inside the ``with`` block the model is in eval mode and each residual branch of a kept
+    unit runs as the evaluation network runs it (``shortcut + p_l * branch(x)``; ``p_l = 1`` for a
+    plain block and for a gate with ``inverted=True``), while each branch of a removed unit is
+    not computed at all, exactly as a branch dropped in a training pass: a ResNet block outputs
+    ``relu(shortcut(x))``, a transformer layer its input. A removed unit saves its inference
+    time.
 
-    - ``relu(shortcut(x) + p_l * branch(x))`` if ``l`` is kept: the evaluation network's block
-      (``p_l = 1`` for a plain block, and for a gate with ``inverted=True``);
-    - ``relu(shortcut(x))`` if ``l`` is removed: its branch is not computed at all, exactly as a
-      block dropped in a training pass, so a removed block saves its inference time.
-
-    The gates, modes and weights are restored on exit (also on an error); nothing is copied.
+    It works on every network with gates (this project's ResNets, plain ones too, and every
+    family ``add_stochastic_depth`` converts). The gates, modes and weights are restored on exit
+    (also on an error); nothing is copied.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A ``ResNet`` or ``StochasticResNet`` of this project, or a torchvision ResNet after
+        A ``ResNet`` or ``StochasticResNet`` of this project, or a model converted by
         ``add_stochastic_depth``.
     keep : iterable of int
-        Indices in ``[0, L)`` of the blocks to keep, ``L = len(residual_blocks(model))``. All of
-        them: the model's own evaluation output, bit for bit.
+        Indices in ``[0, L)`` of the units to keep, ``L = len(depth_units(model, by))``. All of
+        them: the model's own evaluation output, bit for bit. The usual choices: the last ``k``
+        removed, ``range(L - k)``; every other one, ``range(0, L, 2)``.
     unscaled : bool
-        Add the kept blocks' branches unscaled (factor 1) instead of by ``p_l``: the sub-network
-        that a training pass of the paper's gate runs when it draws exactly these blocks.
+        Add the kept branches unscaled (factor 1) instead of by ``p_l``: the sub-network that a
+        training pass of the paper's gate runs when it draws exactly these blocks.
+    by : {"block", "gate"}
+        Number residual blocks (a transformer layer: both its branches) or single gates; see
+        :func:`depth_units`.
 
     Yields
     ------
@@ -142,7 +169,7 @@ def keep_blocks(model: nn.Module, keep: Iterable[int], *, unscaled: bool = False
     ValueError
         If an index is not an integer in ``[0, L)``.
     TypeError
-        As :func:`residual_blocks`.
+        As :func:`depth_units`.
 
     Examples
     --------
@@ -150,24 +177,26 @@ def keep_blocks(model: nn.Module, keep: Iterable[int], *, unscaled: bool = False
     >>> with keep_blocks(model, range(40)):  # the last 14 blocks (lowest p_l) removed
     ...     logits = model(images)
     """
-    blocks = residual_blocks(model)
+    units = depth_units(model, by)
     keep = list(keep)
-    bad = [k for k in keep if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(blocks)]
+    bad = [k for k in keep if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(units)]
     if bad:
-        raise ValueError(f"keep must hold block indices in [0, {len(blocks)}), got {bad[0]!r}")
+        raise ValueError(f"keep must hold indices in [0, {len(units)}), got {bad[0]!r}")
     kept = set(keep)
-    saved = [(block, block.stochastic_depth, "stochastic_depth" in block._modules) for block in blocks]
+    pairs = [pair for unit in units for pair in unit]
+    saved = [(block, name, getattr(block, name), name in block._modules) for block, name in pairs]
     with evaluation_mode(model), contextlib.ExitStack() as restore:
-        restore.callback(lambda: [_set_gate(block, gate, had_child) for block, gate, had_child in saved])
-        for index, block in enumerate(blocks):
-            if index not in kept:
-                gate = StochasticDepth(survival_prob=0.0, seed=0)  # eval mode, p = 0: the shortcut alone (seed: never drawn from)
-            elif unscaled:
-                gate = StochasticDepth(survival_prob=1.0, seed=0)  # eval mode, p = 1: shortcut + branch
-            else:
-                continue  # the block as the evaluation network runs it
-            gate.eval()
-            _set_gate(block, gate, had_child=True)
+        restore.callback(lambda: [_set_gate(block, name, gate, had_child) for block, name, gate, had_child in saved])
+        for index, unit in enumerate(units):
+            for block, name in unit:
+                if index not in kept:
+                    gate = StochasticDepth(survival_prob=0.0, seed=0)  # eval mode, p = 0: the shortcut alone (seed: never drawn from)
+                elif unscaled:
+                    gate = StochasticDepth(survival_prob=1.0, seed=0)  # eval mode, p = 1: shortcut + branch
+                else:
+                    continue  # the branch as the evaluation network runs it
+                gate.eval()
+                _set_gate(block, name, gate, had_child=True)
         yield model
 
 
