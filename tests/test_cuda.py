@@ -1,6 +1,6 @@
 """CUDA checks of the stochastic-depth ResNets; skipped on machines without a GPU.
 
-(torch.compile with inductor on CUDA is tested in test_resnet_with_stochastic_depth.py.)
+(torch.compile with inductor on CUDA is also tested in test_compile.py.)
 """
 
 import copy

@@ -2,7 +2,8 @@
 
 Each test spawns two processes once and checks several things in them (a spawn costs seconds
 of imports on a slow machine). The reference for "what the processes should compute" is one
-process trained on both processes' images at once.
+process trained on both processes' images at once. The DDP tests of StochasticResNet with uneven
+inputs under join() start their processes with torch.multiprocessing.spawn.
 """
 
 import math
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_resnet_with_stochastic_depth import batch
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 from timm.models.vision_transformer import Block as TimmViTBlock
 from timm.models.vision_transformer import VisionTransformer
@@ -35,6 +37,8 @@ from stochastic_depth.distributed import (
     data_parallel,
     fully_shard_stochastic_depth,
     gated_blocks,
+    get_checkpoint_state,
+    set_checkpoint_state,
 )
 
 WORLD = 2
@@ -166,6 +170,54 @@ def _fsdp_worker(rank, config):
         })
     params = {_plain_name(n): p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return {"steps": steps, "params": params}
+
+
+def _checkpoint_worker(rank, optimizer_name, resume_at):
+    """A converted timm ViT at drop rate 0.8 under fully_shard_stochastic_depth, 8 steps, saved with
+    get_checkpoint_state at `resume_at` (None: not at all) and resumed with set_checkpoint_state into a
+    newly built model with other gate seeds; returns each step's drops and the final parameters."""
+    import tempfile
+
+    def make_optimizer(model):
+        if optimizer_name == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model = fully_shard_stochastic_depth(tiny_vit("batch", rate=0.8))
+    optimizer = make_optimizer(model)
+    active = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for step in range(8):
+            if step == resume_at:
+                state = get_checkpoint_state(model, optimizer)
+                path = [f"{tmp}/checkpoint.pt"]
+                dist.broadcast_object_list(path, src=0)  # (one file, written by rank 0)
+                if rank == 0:
+                    torch.save(state, path[0])
+                dist.barrier()
+                model = fully_shard_stochastic_depth(tiny_vit("batch", rate=0.8, seed=SEED + 1))
+                optimizer = make_optimizer(model)
+                set_checkpoint_state(model, optimizer, torch.load(path[0], weights_only=False) if rank == 0 else None)
+            set_step(model, step)
+            x, y = images(step, rank)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            active.append([bool(g.last_active) for g in stochastic_depth_gates(model)])
+    params = {_plain_name(n): p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return {"active": active, "params": params}
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
+def test_get_and_set_checkpoint_state_resume_exactly_also_before_a_branch_first_ran(optimizer_name):
+    whole = spawn(_checkpoint_worker, optimizer_name, None)
+    resumed = spawn(_checkpoint_worker, optimizer_name, 2)
+    # At drop rate 0.8 some branches never ran in steps 0-1: they had no optimizer state when saved.
+    ran_before = [any(step[i] for step in whole[0]["active"][:2]) for i in range(8)]
+    assert not all(ran_before)
+    assert whole[0]["active"] == whole[1]["active"] == resumed[0]["active"] == resumed[1]["active"]
+    for name, value in whole[0]["params"].items():
+        torch.testing.assert_close(resumed[0]["params"][name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def _single_process_reference(mode="batch"):
@@ -573,3 +625,86 @@ def test_fsdp2_of_each_family_gathers_only_the_kept_branches(name):
     if name in LAYER_NORM:  # (BatchNorm normalises over each process's images, not over both processes')
         for n, p in model.named_parameters():
             torch.testing.assert_close(results[0]["params"][n], p.detach(), rtol=0, atol=2e-5, msg=n)
+
+
+# ---------------------------------------------------------------------------------- DDP of StochasticResNet, uneven inputs
+
+
+def _uneven_ddp_worker(rank, world_size, init_file, mode, stepped, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(100 + rank)  # a different global RNG on each rank, as timm's train.py (seed + rank)
+    model = StochasticResNet.cifar(14, mode=mode, p_last=0.5, seed=1234)  # the same weights come from rank 0
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    drops = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Epoch 0 is uneven (process 0 has 3 batches, process 1 has 2) under join(); then
+        # process 0 runs one extra training-mode forward pass; epoch 1 is even.
+        for epoch, batches in enumerate([3 - rank, 2]):
+            with ddp.join():
+                for i in range(batches):
+                    if stepped:
+                        set_step(model, epoch, i)
+                    x, y = batch(16, seed=10 * epoch + i + 1000 * rank)  # different data on each rank
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(ddp(x), y).backward()
+                    optimizer.step()
+                    drops[epoch, i] = model.active_blocks.clone()
+            if rank == 0 and epoch == 0:
+                with torch.no_grad():
+                    model(batch(16)[0])
+    warned = any("without set_step" in str(w.message) for w in caught)
+    results[rank] = (drops, [p.detach().clone() for p in model.parameters()], warned)
+    dist.destroy_process_group()
+
+
+def _run_two_processes(tmp_path, mode, stepped):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_uneven_ddp_worker, args=(2, tmp_path / "rendezvous", mode, stepped, results), nprocs=2)
+        return results[0], results[1]
+
+
+def test_ddp_processes_drop_the_same_blocks_at_every_step_after_uneven_inputs_and_an_extra_pass(tmp_path):
+    (drops0, params0, warned0), (drops1, params1, warned1) = _run_two_processes(tmp_path, "batch", stepped=True)
+    assert sorted(drops0) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] and sorted(drops1) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for step in drops1:  # every step both processes took
+        assert torch.equal(drops0[step], drops1[step]), step
+    assert not all(d.all() for d in drops0.values())  # some blocks were dropped
+    assert all(torch.equal(a, b) for a, b in zip(params0, params1))
+    assert not warned0 and not warned1
+
+
+def test_ddp_without_set_step_warns_in_batch_mode(tmp_path):
+    # Without a step, a pass's key is its number: process 0, 2 passes ahead after epoch 0, drops others.
+    (drops0, _, warned0), (drops1, _, warned1) = _run_two_processes(tmp_path, "batch", stepped=False)
+    assert warned0 and warned1
+    assert not all(torch.equal(drops0[step], drops1[step]) for step in [(1, 0), (1, 1)])
+
+
+@pytest.mark.parametrize("mode", ["row", "row_subset"])
+def test_ddp_processes_draw_their_own_samples_in_the_row_modes(tmp_path, mode):
+    (drops0, _, _), (drops1, _, _) = _run_two_processes(tmp_path, mode, stepped=True)
+    steps = sorted(drops1)
+    a, b = (torch.stack([d[step] for step in steps]) for d in (drops0, drops1))  # (steps, gates, samples)
+    # Independent draws agree on a sample with probability 1 - 2 p (1 - p) (row) or about that
+    # (row_subset: k of B kept on each process, agreement 1 - 2 k (B - k) / (B (B - 1)) per sample).
+    probs = torch.tensor(StochasticResNet.cifar(14, p_last=0.5).survival_probabilities)
+    if mode == "row":
+        agree = 1 - 2 * probs * (1 - probs)
+    else:
+        k = torch.tensor([max(1, math.floor(16 * p + 0.5)) for p in probs.tolist()], dtype=torch.float64)
+        agree = 1 - 2 * k * (16 - k) / (16 * 15)
+    trials = a.shape[0] * a.shape[2]
+    expected = (agree * trials).sum().item()
+    variance = (agree * (1 - agree) * trials).sum().item()
+    observed = (a == b).sum().item()
+    assert abs(observed - expected) <= 4.5 * math.sqrt(variance), (observed, expected)
+    assert observed < a.numel()
+    # Process 0's draws are the ones a single process with the same seed makes at those steps.
+    single = StochasticResNet.cifar(14, mode=mode, p_last=0.5, seed=1234)
+    for step in sorted(drops0):
+        set_step(single, *step)
+        single(batch(16)[0])
+        assert torch.equal(single.active_blocks, drops0[step]), step

@@ -1,20 +1,31 @@
-"""evaluation_network.py: depth chosen at test time (keep_blocks) and BatchNorm statistics of the
-evaluation network (recompute_batchnorm_statistics), against hand-built references."""
+"""evaluation_network.py: depth chosen at test time (keep_blocks, for every converted family) and
+BatchNorm statistics of the evaluation network (recompute_batchnorm_statistics), against hand-built
+references."""
 
 import copy
 
 import pytest
 import torch
 import torchvision
+from test_library_blocks import build, images
 from torch import nn
 
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, add_stochastic_depth, stochastic_depth_state
+from resnet_with_stochastic_depth import (
+    ResNet,
+    StochasticResNet,
+    add_stochastic_depth,
+    stochastic_depth_gates,
+    stochastic_depth_state,
+)
+from stochastic_depth.distributed import branch_modules
 from stochastic_depth.evaluation_network import (
+    depth_units,
     evaluation_mode,
     keep_blocks,
     recompute_batchnorm_statistics,
     residual_blocks,
 )
+from stochastic_depth.library_blocks import converted_class
 
 
 class ShortcutOnly(nn.Module):
@@ -123,6 +134,63 @@ def test_torchvision_blocks_must_be_converted_first():
         residual_blocks(torchvision.models.resnet18())
     with pytest.raises(TypeError, match="no residual blocks"):
         residual_blocks(nn.Sequential(nn.Conv2d(1, 1, 3)))
+
+
+# ---------------------------------------------------------------------------------- every converted family
+
+
+def _zeroed_reference(unconverted, removed_blocks):
+    """The unconverted model with the residual branches of `removed_blocks` (their indices among its
+    convertible blocks) set to zero: a forward hook on each block's drop-path modules."""
+    blocks = [m for m in unconverted.modules() if converted_class(type(m)) is not None]
+    handles = []
+    for index in removed_blocks:
+        kind = converted_class(type(blocks[index]))
+        for attribute in kind.DROP_PATHS:
+            handles.append(getattr(blocks[index], attribute).register_forward_hook(lambda m, args, out: torch.zeros_like(out)))
+    return handles
+
+
+@pytest.mark.parametrize("family", ["torchvision ConvNeXt", "torchvision Swin", "timm ViT", "timm ConvNeXt"])
+def test_keep_blocks_on_every_converted_family(family):
+    unconverted = build(family).eval()
+    model = add_stochastic_depth(copy.deepcopy(unconverted))
+    x = images()
+    units = depth_units(model)
+    with torch.no_grad():
+        evaluation = model.eval()(x)
+        with keep_blocks(model, range(len(units))):
+            assert torch.equal(model(x), evaluation)  # every block kept: the evaluation output, bit for bit
+        calls = []
+        for removed in ([len(units) - 1], list(range(1, len(units), 2))):  # the last block; every other one
+            hooks = [module.register_forward_pre_hook(lambda m, args: calls.append(m))
+                     for index in removed for block, gate in units[index]
+                     for module in branch_modules(block)[gate]]
+            with keep_blocks(model, [i for i in range(len(units)) if i not in removed]):
+                out = model(x)
+            for h in hooks:
+                h.remove()
+            assert calls == []  # the removed branches' modules do not run
+            handles = _zeroed_reference(unconverted, removed)
+            torch.testing.assert_close(out, unconverted(x), atol=1e-6, rtol=1e-6)
+            for h in handles:
+                h.remove()
+        assert torch.equal(model(x), evaluation)  # restored
+    assert all(gate.training is False for gate in stochastic_depth_gates(model))
+
+
+def test_keep_blocks_numbers_a_transformers_gates_one_by_one_on_request():
+    model = add_stochastic_depth(build("timm ViT")).eval()
+    assert len(depth_units(model, "gate")) == 2 * len(depth_units(model)) == len(stochastic_depth_gates(model))
+    x = images()
+    with torch.no_grad():
+        with keep_blocks(model, [i for i in range(8) if i != 7], by="gate"):  # the last block's MLP branch removed
+            without_mlp = model(x)
+        block = depth_units(model)[-1][0][0]
+        with keep_blocks(model, range(4)):
+            block.register_forward_hook(lambda m, args, out: args[0] + block.ls1(block.attn(block.norm1(args[0]))))
+            reference = model(x)
+    torch.testing.assert_close(without_mlp, reference, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- BatchNorm

@@ -1,5 +1,6 @@
 """Stochastic depth on torchvision's and timm's residual blocks: parity with the unconverted
-models, the drop rates, skipped work, state_dicts, activation checkpointing and the errors.
+models, the drop rates, skipped work, state_dicts, memory layout and the errors. (Their activation
+checkpointing is tested in test_checkpointing.py.)
 
 Every family is built small (a few blocks, 16-64 channels, 32x32 images) with random weights."""
 
@@ -20,7 +21,6 @@ from timm.models.resnet import Bottleneck as TimmBottleneck
 from timm.models.resnet import ResNet as TimmResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.efficientnet import EfficientNet, FusedMBConv, FusedMBConvConfig, MBConv, MBConvConfig
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
@@ -302,29 +302,6 @@ def test_kept_samples_get_what_masking_gives_them(family):
             h = torch.relu(h)
     torch.testing.assert_close(out, h, atol=1e-5, rtol=1e-5)
 
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_training_step_under_activation_checkpointing_equals_one_without(family):
-    """Each converted block wrapped in torch.utils.checkpoint (non-reentrant): the recomputed
-    forward makes the same draws, so output and gradients are the same (exactly)."""
-    unconverted = build(family)
-    plain = add_stochastic_depth(copy.deepcopy(unconverted), seed=7).train()
-    checkpointed = add_stochastic_depth(copy.deepcopy(unconverted), seed=7).train()
-    for block in converted_blocks(checkpointed):
-        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
-    x, y = images(), torch.arange(8) % 10
-    loss, loss_checkpointed = F.cross_entropy(plain(x), y), F.cross_entropy(checkpointed(x), y)
-    loss.backward()
-    loss_checkpointed.backward()
-    assert torch.equal(loss, loss_checkpointed)
-    assert [bool(g.last_active.any()) for g in stochastic_depth_gates(plain)] == [
-        bool(g.last_active.any()) for g in stochastic_depth_gates(checkpointed)
-    ]
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        assert (a.grad is None) == (b.grad is None), name
-        assert a.grad is None or torch.equal(a.grad, b.grad), name
-
-
 class CustomBlock(nn.Module):
     """A block this project cannot know the forward of, holding timm's DropPath."""
 
@@ -482,26 +459,6 @@ def test_row_subset_keeps_the_libraries_memory_layout(family, memory_format):
     assert _layouts(model, x) == expected
     channels_last = any(any(flags) for flags in expected.values())
     assert channels_last == (memory_format == torch.channels_last or "ConvNeXt" in family)
-
-
-@pytest.mark.parametrize("family", ["timm ViT", "timm ConvNeXt", "timm ResNet basic"])
-def test_timms_own_gradient_checkpointing_trains_alike(family):
-    # timm's set_grad_checkpointing recomputes blocks in backward: the recomputation must make
-    # the same draws, or the gradients belong to another network than the loss.
-    unconverted = build(family)
-    plain = add_stochastic_depth(copy.deepcopy(unconverted), seed=11).train()
-    checkpointed = add_stochastic_depth(copy.deepcopy(unconverted), seed=11).train()
-    checkpointed.set_grad_checkpointing(True)
-    x, y = images(), torch.arange(8) % 10
-    for _ in range(2):
-        loss, other = F.cross_entropy(plain(x), y), F.cross_entropy(checkpointed(x), y)
-        loss.backward()
-        other.backward()
-        assert torch.equal(loss, other)
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        assert (a.grad is None) == (b.grad is None), name
-        assert a.grad is None or torch.equal(a.grad, b.grad), name
-
 
 def test_gates_start_in_the_mode_of_the_model_they_are_added_to():
     # Gates used to start in training mode: a model converted after .eval() drew at test time.

@@ -1,15 +1,92 @@
-"""stochastic_depth.schedules: the drop scale per step of the early and late schedules, the rates the gates
-draw at under them in every mode (binomial tests with fixed seeds), and the evaluation network after them."""
+"""Drop schedules: the drop warm-up and the drop scale (stochastic_depth_state(model).drop_scale), and the
+early and late schedules of stochastic_depth.schedules: the drop scale per step, the rates the gates draw at
+under them in every mode (binomial tests with fixed seeds), and the evaluation network after them."""
 
 import math
 
 import pytest
 import torch
+from test_gate import binomial_bound
+from test_resnet_with_stochastic_depth import active_sequence, batch, tiny_pair
 
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
+from resnet_with_stochastic_depth import (
+    ResNet,
+    StochasticDepth,
+    StochasticResNet,
+    linear_drop_warmup,
+    set_step,
+    stochastic_depth_state,
+)
 from stochastic_depth.schedules import early_drops, late_drops
 
 SIGMAS = 4.5  # a correct gate misses a binomial bound with probability < 1e-5 per block; the seeds are fixed
+
+
+# ---------------------------------------------------------------------------------- drop warm-up and drop scale
+
+
+def test_linear_drop_warmup_schedule():
+    assert [linear_drop_warmup(step, 4) for step in range(6)] == [0, 0.25, 0.5, 0.75, 1, 1]
+    assert linear_drop_warmup(0, 0) == 1.0
+    with pytest.raises(ValueError, match="-1"):
+        linear_drop_warmup(3, -1)
+
+
+@pytest.mark.parametrize("mode, drop_scale", [("batch", 0.0), ("batch", 0.25), ("batch", 0.5), ("row", 0.5), ("batch", 1.0)])
+def test_drop_scale_scales_every_blocks_drop_probability(mode, drop_scale):
+    model = StochasticResNet.cifar(14, mode=mode, p_last=0.2, seed=12)
+    stochastic_depth_state(model).drop_scale = drop_scale
+    x, _ = batch(8, size=4)
+    passes = 150 if mode == "batch" else 25
+    active = active_sequence(model, x, passes)
+    kept = active.reshape(passes, 6, -1).sum((0, 2))
+    trials = passes * (1 if mode == "batch" else 8)
+    for count, p in zip(kept.tolist(), model.survival_probabilities):
+        survival = 1 - drop_scale * (1 - p)  # exactly 1 at drop_scale 0: the bound is then 1e-9
+        assert abs(count - trials * survival) <= binomial_bound(trials, survival), (count, survival)
+
+
+@pytest.mark.parametrize("p, drop_scale", [(0.5, 1.0), (0.5, 0.25), (0.2, 0.0), (0.0, 0.5), (0.0, 0.0)])
+def test_evaluation_scales_by_the_survival_probability_in_force(p, drop_scale):
+    # By hand: shortcut + (1 - drop_scale (1 - p)) * branch; unscaled when inverted; a branch
+    # that is never kept in training (probability in force 0) is left out.
+    x, shortcut = torch.randn(3, 5), torch.randn(3, 5)
+    for inverted in (False, True):
+        gate = StochasticDepth(survival_prob=p, inverted=inverted, seed=0).eval()
+        gate.drop_scale = drop_scale
+        in_force = 1 - drop_scale * (1 - p)
+        expected = shortcut if in_force == 0 else shortcut + (1.0 if inverted else in_force) * (2 * x)
+        torch.testing.assert_close(gate(lambda t: 2 * t, x, shortcut), expected, rtol=0, atol=1e-6)
+        assert bool(gate.last_active) == (in_force > 0)
+
+
+def test_after_a_schedule_that_stops_dropping_evaluation_is_the_plain_network():
+    # drop_scale 0 (e.g. the end of an early schedule): the evaluated network is the one that
+    # trained last, every block at full strength: the plain ResNet with the same weights.
+    plain, stochastic = tiny_pair(seed=3)
+    stochastic_depth_state(stochastic).drop_scale = 0.0
+    x, _ = batch(4, size=8)
+    plain.eval(), stochastic.eval()
+    assert torch.equal(plain(x), stochastic(x))  # one process: the same operations, bit for bit
+    stochastic_depth_state(stochastic).drop_scale = 1.0
+    assert not torch.allclose(plain(x), stochastic(x))
+
+
+def test_drop_scale_is_checked_and_part_of_the_state():
+    _, model = tiny_pair()
+    state = stochastic_depth_state(model)
+    with pytest.raises(ValueError, match="drop_scale.*1.5"):
+        state.drop_scale = 1.5
+    state.drop_scale = 0.5
+    saved = state.get_state()
+    x, _ = batch(2, size=4)
+    first = active_sequence(model, x, 10)
+    state.drop_scale = 1.0
+    state.set_state(saved)
+    assert state.drop_scale == 0.5 and torch.equal(active_sequence(model, x, 10), first)
+
+
+# ---------------------------------------------------------------------------------- early and late schedules
 
 
 def test_early_and_late_schedules_switch_at_the_given_step():
