@@ -291,7 +291,8 @@ def set_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
     Call it on every process of the new run, after sharding the model and making its optimizer,
     with the checkpoint on rank 0 (other processes may pass None or ``{}``): rank 0 sends the
-    state dicts out (``broadcast_from_rank0=True``). A parameter without optimizer state in the
+    state dicts out (``broadcast_from_rank0=True``). On one process without ``torch.distributed``
+    it loads the state as it is. A parameter without optimizer state in the
     checkpoint (a branch not run yet) stays without: loading alone would give it a state at step
     1 with zero moments (what ``set_optimizer_state_dict`` initialises with), and AdamW would
     then continue otherwise than the uninterrupted run.
@@ -301,7 +302,8 @@ def set_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     ValueError
         On rank 0, for a state without the keys :func:`get_checkpoint_state` gives.
     """
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
     keys = {"model", "optimizer", "stochastic_depth"}
     if rank == 0 and (not isinstance(state, dict) or set(state) != keys):
         raise ValueError(f"set_checkpoint_state: expected what get_checkpoint_state returned, with the keys {sorted(keys)}, "
@@ -309,13 +311,14 @@ def set_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     state = state or {}
     # Rank 0 tells every process which parameters had optimizer state, and the gates' state.
     shared = [(set(state["optimizer"]["state"]), state["stochastic_depth"]) if rank == 0 else None]
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         dist.broadcast_object_list(shared, src=0)
     with_state, gates = shared[0]
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, state.get("model", {}), options=options)
+    # (one process without torch.distributed: nothing to send)
+    set_model_state_dict(model, state.get("model", {}),
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
     set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}),
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=False))
     for name, parameter in model.named_parameters():
         if _plain_name(name) not in with_state:
             optimizer.state.pop(parameter, None)

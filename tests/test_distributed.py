@@ -220,6 +220,34 @@ def test_get_and_set_checkpoint_state_resume_exactly_also_before_a_branch_first_
         torch.testing.assert_close(resumed[0]["params"][name], value, rtol=0, atol=1e-6, msg=name)
 
 
+def test_get_and_set_checkpoint_state_work_on_one_process_without_torch_distributed():
+    def run(resume_at):
+        torch.manual_seed(0)
+        model = StochasticResNet.cifar(14, survival_rule="uniform", p_last=0.3, seed=SEED)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(6):
+            if step == resume_at:
+                state = get_checkpoint_state(model, optimizer)
+                model = StochasticResNet.cifar(14, survival_rule="uniform", p_last=0.3, seed=SEED + 1)
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+                set_checkpoint_state(model, optimizer, state)
+            set_step(model, step)
+            x, y = batch(4, size=8, seed=step)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            ran.append(model.active_blocks.clone())
+        return model
+
+    ran = []
+    whole = run(None)
+    assert not torch.stack(ran[:2]).any(0).all()  # a block that had not run when the checkpoint was taken
+    ran.clear()
+    resumed = run(2)
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
 def _single_process_reference(mode="batch"):
     """One process, the same model, on both processes' images at once: parameters after STEPS steps."""
     model = tiny_vit(mode)
