@@ -263,6 +263,8 @@ def compile_branches(model: nn.Module, **options: Any) -> nn.Module:
         For options ``torch.compile`` does not take (an unknown ``mode`` or ``backend``, an
         unknown keyword), before anything is changed.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile_branches: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
     try:  # torch.compile checks its options when it wraps a function, before anything is compiled
         torch.compile(_region, **options)
     except Exception as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -54,6 +55,7 @@ class BlockConversion(NamedTuple):
     block: nn.Module
     gate_names: tuple[str, ...]
     drop_probs: tuple[float, ...] | None
+    also: tuple[tuple[nn.Module, str], ...] = ()  # the other (parent, name) places of a block used twice
 
 
 # Drop-path classes of other libraries, known by name (Hugging Face's ConvNextDropPath,
@@ -104,9 +106,9 @@ def _converted(block: nn.Module, kind: type[GatedBlock]) -> nn.Module:
     removed and its gate attributes are None, in the drop paths' place among the children.
     """
     converted = kind.__new__(kind)
-    # Own copies of the dicts (parameters, buffers, hooks), holding the same objects, so that
-    # `block` is left as it was.
-    converted.__dict__.update({k: type(v)(v) if isinstance(v, dict) else v for k, v in block.__dict__.items()})
+    # The very same attribute objects, the dicts of parameters, buffers and hooks included (a hook
+    # handle the user holds still removes its hook), except the children, which change.
+    converted.__dict__.update(block.__dict__)
     for old in kind.DROP_PATHS:
         converted.__dict__.pop(old, None)  # timm's ResNet stores a rate-0 drop path as a plain None
     # Each gate takes its drop path's place among the children (Swin: both gates take the
@@ -177,8 +179,14 @@ def block_conversions(model: nn.Module) -> list[BlockConversion]:
         )
 
     conversions = []
+    first_slot: dict[nn.Module, BlockConversion] = {}  # a block used in several places converts once
     for parent in names:
-        for name, child in parent.named_children():
+        for name, child in parent._modules.items():
+            if child in first_slot:
+                conversion = first_slot[child]
+                conversions[conversions.index(conversion)] = first_slot[child] = conversion._replace(
+                    also=(*conversion.also, (parent, name)))
+                continue
             kind = converted_class(type(child))
             if kind is None:
                 continue
@@ -187,7 +195,7 @@ def block_conversions(model: nn.Module) -> list[BlockConversion]:
             block_name = names[child]
             if type(child) is kind:  # converted already (or built gated): its gates' rates, where it has its own
                 probs = tuple(_drop_prob(child, block_name, gate) for gate in kind.GATES) if kind.DROP_PATHS else None
-                conversions.append(BlockConversion(parent, name, child, kind.GATES, probs))
+                conversions.append(first_slot.setdefault(child, BlockConversion(parent, name, child, kind.GATES, probs)))
                 continue
             probs = None
             if kind.DROP_PATHS:
@@ -195,7 +203,7 @@ def block_conversions(model: nn.Module) -> list[BlockConversion]:
                 if len(kind.GATES) > len(probs):  # torchvision's Swin: one module for both branches
                     probs = probs * len(kind.GATES)
                 probs = tuple(probs)
-            conversions.append(BlockConversion(parent, name, _converted(child, kind), kind.GATES, probs))
+            conversions.append(first_slot.setdefault(child, BlockConversion(parent, name, _converted(child, kind), kind.GATES, probs)))
     return conversions
 
 
@@ -204,14 +212,15 @@ def _check_arguments(model: Any, survival_rule: Any, p_last: Any, inverted: Any)
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_stochastic_depth: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
     # A rule's name (checked later) or any sequence of probabilities (a list, an array, a tensor).
-    if survival_rule is not None and (isinstance(survival_rule, (int, float)) or not hasattr(survival_rule, "__iter__")):
+    if survival_rule is not None and (isinstance(survival_rule, (int, float, Mapping)) or not hasattr(survival_rule, "__iter__")
+                                      or getattr(survival_rule, "ndim", 1) != 1):
         hint = f" (to set the last block's survival probability, pass p_last={survival_rule!r})" \
             if isinstance(survival_rule, (int, float)) and not isinstance(survival_rule, bool) else ""
         raise TypeError(
             f"add_stochastic_depth: survival_rule must be 'linear', 'uniform' or a sequence of probabilities, one per "
             f"block, got {survival_rule!r}{hint}"
         )
-    if isinstance(p_last, (str, bytes, bool)):
+    if p_last is not None and (isinstance(p_last, (str, bytes, bool, complex)) or hasattr(p_last, "__len__")):
         raise TypeError(f"add_stochastic_depth: p_last must be a number in [0, 1], got {p_last!r}")
     if inverted is not None and not isinstance(inverted, bool):
         raise TypeError(f"add_stochastic_depth: inverted must be True, False or None (the default), got {inverted!r}")
@@ -235,7 +244,10 @@ def add_stochastic_depth(
     there the masking drop path (torchvision's ``StochasticDepth``, timm's ``DropPath``)
     is replaced by gates, one per residual branch, and a dropped branch is not computed.
     Weights, ``state_dict`` keys and the model's class stay as they were; blocks are
-    swapped for equivalent ones that hold the very same submodules. Nothing else is
+    swapped for equivalent ones that hold the very same submodules, parameters and hooks
+    (a hook handle taken before still removes its hook; a reference to the old block object
+    no longer reaches the model), and a block used in several places is converted once and
+    stays shared. Nothing else is
     added: no submodule, no hook, so containers that call the model's layers
     (``IntermediateLayerGetter``, ``BackboneWithFPN``,
     ``nn.Sequential(*list(model.children())[:-2])``) see the same children and get drops,
@@ -320,5 +332,6 @@ def add_stochastic_depth(
             gate.train(c.block.training)  # a model converted in eval mode stays in eval mode
             setattr(c.block, gate_name, gate)
             index += 1
-        setattr(c.parent, c.name, c.block)
+        for parent, name in ((c.parent, c.name), *c.also):
+            setattr(parent, name, c.block)
     return model

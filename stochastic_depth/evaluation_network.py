@@ -31,6 +31,7 @@ them). Both use the gates' evaluation rule, not how gates draw while training.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -178,11 +179,15 @@ def keep_blocks(model: nn.Module, keep: Iterable[int], *, unscaled: bool = False
     ...     logits = model(images)
     """
     units = depth_units(model, by)
-    keep = list(keep)
-    bad = [k for k in keep if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(units)]
-    if bad:
-        raise ValueError(f"keep must hold indices in [0, {len(units)}), got {bad[0]!r}")
-    kept = set(keep)
+    kept = set()
+    for k in keep:
+        try:  # any integer: Python's, numpy's, a 0-d integer tensor
+            index = None if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < len(units):
+            raise ValueError(f"keep must hold integer indices in [0, {len(units)}), got {k!r}")
+        kept.add(index)
     pairs = [pair for unit in units for pair in unit]
     saved = [(block, name, getattr(block, name), name in block._modules) for block, name in pairs]
     with evaluation_mode(model), contextlib.ExitStack() as restore:

@@ -80,7 +80,12 @@ DROP_MODES = ("batch", "row", "row_subset")
 
 
 def _check_probability(value: float, name: str) -> float:
-    value = float(value)
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a probability in [0, 1], got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a probability in [0, 1], got {value!r}") from None
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     return value
@@ -133,7 +138,7 @@ def survival_probabilities(
             f"unknown survival rule {rule!r}: expected 'linear', 'uniform' "
             "or a sequence of probabilities"
         )
-    probs = [float(p) for p in rule]
+    probs = list(rule)
     if len(probs) != num_blocks:
         raise ValueError(
             f"expected {num_blocks} survival probabilities (one per residual block), "
@@ -356,7 +361,9 @@ class StochasticDepth(RegionHolder):
         super().__init__()
         self.survival_prob = _check_probability(survival_prob, "survival_prob")
         self.mode = check_mode(mode)
-        self.inverted = bool(inverted)
+        if not isinstance(inverted, bool):
+            raise TypeError(f"inverted must be True or False, got {inverted!r}")
+        self.inverted = inverted
         self.seed, self.seed_given = seed_or_random(seed)
         self.index = int(index)
         self._drop_scale = 1.0
@@ -675,7 +682,9 @@ _GATE_STATE = ("seed", "seed_given", "step", "passes", "drop_scale")
 
 
 def stochastic_depth_gates(model: nn.Module) -> list[StochasticDepth]:
-    """The ``StochasticDepth`` gates of a model, in forward (block) order."""
+    """The ``StochasticDepth`` gates of a model, in forward (block) order (TypeError for a non-module)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module with stochastic-depth gates, got {type(model).__name__} {model!r:.60}")
     return [m for m in model.modules() if isinstance(m, StochasticDepth)]
 
 

@@ -1,11 +1,18 @@
 """Bad input gets an error that names the argument, the value and what to pass, before anything changes."""
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from test_library_blocks import build
 
-from resnet_with_stochastic_depth import StochasticResNet, add_stochastic_depth, stochastic_depth_gates
+from resnet_with_stochastic_depth import (
+    StochasticDepth,
+    StochasticResNet,
+    add_stochastic_depth,
+    set_step,
+    stochastic_depth_gates,
+)
 from stochastic_depth.compilation import compile_branches
 from stochastic_depth.distributed import fully_shard_stochastic_depth
 from stochastic_depth.evaluation_network import keep_blocks
@@ -99,3 +106,54 @@ def test_keep_blocks_on_an_unconverted_model_says_to_convert_it():
         with keep_blocks(model, [0]):
             pass
     assert not stochastic_depth_gates(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [({"survival_rule": {0: 0.9, 1: 0.8}}, TypeError, ["survival_rule"]),
+     ({"survival_rule": np.array(0.5)}, TypeError, ["survival_rule"]),
+     ({"survival_rule": ["a"] * 8}, TypeError, ["survival probability of block 0", "'a'"]),
+     ({"survival_rule": [None] * 8}, TypeError, ["survival probability of block 0", "None"]),
+     ({"p_last": [0.5]}, TypeError, ["p_last"]),
+     ({"p_last": 0.5 + 0j}, TypeError, ["p_last"])],
+)
+def test_add_stochastic_depth_refuses_rules_and_rates_of_other_kinds(kwargs, error, words):
+    model = torchvision.models.resnet18(num_classes=10)
+    before = _structure(model)
+    with pytest.raises(error) as raised:
+        add_stochastic_depth(model, **kwargs)
+    assert all(word in str(raised.value) for word in words), str(raised.value)
+    assert _structure(model) == before
+    # Sequences of numbers of any kind are rules.
+    add_stochastic_depth(model, survival_rule=np.linspace(1.0, 0.5, 8))
+
+
+def test_the_gate_and_the_state_refuse_strings_and_bools():
+    with pytest.raises(TypeError, match="inverted must be True or False, got 'no'"):
+        StochasticDepth(survival_prob=0.5, inverted="no")
+    with pytest.raises(TypeError, match="survival_prob must be a probability"):
+        StochasticDepth(survival_prob="0.5")
+    state = stochastic_depth_state(StochasticResNet.cifar(8, seed=0))
+    for value in ("0.5", True):
+        with pytest.raises(TypeError, match="drop_scale must be a probability"):
+            state.drop_scale = value
+    assert state.drop_scale == 1.0
+
+
+@pytest.mark.parametrize("call", [stochastic_depth_state, lambda m: set_step(m, 0), compile_branches])
+def test_functions_of_a_model_name_a_non_module(call):
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        call(None)
+
+
+def test_keep_blocks_takes_integers_of_any_library():
+    model = StochasticResNet.cifar(8, seed=0).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        for keep in (np.arange(3), torch.arange(3)):
+            with keep_blocks(model, keep):
+                assert torch.equal(model(x), expected)
+    with pytest.raises(ValueError, match=r"integer indices in \[0, 3\), got 1.5"):
+        with keep_blocks(model, [0, 1.5]):
+            pass

@@ -505,3 +505,23 @@ def test_a_model_built_without_a_drop_rate_warns_that_nothing_would_drop():
         warnings.simplefilter("error")
         add_stochastic_depth(TimmResNet(TimmBasicBlock, [1, 1, 1, 1], num_classes=10), p_last=0.5, seed=0)
         add_stochastic_depth(build("timm ResNet basic"), seed=0)  # its own rates, some below 1
+
+
+def test_a_block_used_twice_is_converted_once_and_stays_shared():
+    block = build("timm ViT").blocks[-1]  # (a rate above 0)
+    model = nn.Sequential(block, block)
+    add_stochastic_depth(model, seed=0)
+    assert model[0] is model[1] and isinstance(model[0], GatedBlock)
+    assert len(stochastic_depth_gates(model)) == 2  # one block, two branches, called twice
+
+
+def test_a_hook_handle_registered_before_converting_still_removes_its_hook():
+    model = build("timm ViT")
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda m, args, out: calls.append(1))
+    add_stochastic_depth(model, seed=0)
+    model(images())
+    assert calls == [1]
+    handle.remove()
+    model(images())
+    assert calls == [1]
