@@ -20,11 +20,20 @@ Modules, the base first:
 ``library_blocks``
     ``GatedBlock``, what a gated block declares, and the gated classes of torchvision's
     ConvNeXt, Swin and EfficientNet blocks and timm's ViT, ConvNeXt and ResNet blocks.
+``hugging_face``
+    The gated classes of Hugging Face ``transformers``' vision layers with drop paths (DINOv2,
+    BEiT, Swin, ConvNeXt, Segformer, PVTv2, FocalNet, ...), made from the user's transformers
+    classes when a model holds them (importing it does not import transformers).
 ``conversion``
     ``add_stochastic_depth``: converts a network's blocks in place.
 ``distributed``, ``counting``, ``evaluation_network``
     FSDP2 and DDP (``fully_shard_stochastic_depth``, ``data_parallel``); FLOP floors;
     evaluating with a subset of the blocks. Import these on their own.
+``trainer_callback``
+    ``StochasticDepthCallback`` for Hugging Face's ``transformers.Trainer``: keys the drops by
+    the optimizer step and saves the gates' state in the Trainer's checkpoints. Needs
+    ``transformers`` and ``accelerate``, which ``import stochastic_depth`` does not import:
+    ``from stochastic_depth.trainer_callback import StochasticDepthCallback``.
 
 The ResNets (``ResNet``, ``StochasticResNet`` and their blocks) are in the model file,
 ``resnet_with_stochastic_depth``, imported here because its blocks are the gated classes of

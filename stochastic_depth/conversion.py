@@ -32,6 +32,7 @@ from stochastic_depth.gate import (
     seed_or_random,
     survival_probabilities,
 )
+from stochastic_depth.hugging_face import FAMILIES, REFUSED
 from stochastic_depth.library_blocks import GatedBlock, converted_class, supported_blocks
 
 __all__ = ["BlockConversion", "add_stochastic_depth", "block_conversions"]
@@ -63,6 +64,10 @@ class BlockConversion(NamedTuple):
 _DROP_PATH_NAME = re.compile(r"drop_?path|stochastic_?depth", re.IGNORECASE)
 
 
+def _is_hugging_face(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
 def _is_drop_path(module: nn.Module) -> bool:
     """Whether `module` masks a residual branch: torchvision's or timm's class, or a class named like one."""
     if isinstance(module, StochasticDepth):  # a gate: already converted
@@ -92,6 +97,8 @@ def _drop_prob(block: nn.Module, block_name: str, attribute: str) -> float:
                 "training (or by 1 - p at test time), so the converted model would not compute what this one "
                 "does; build the model with scale_by_keep=True (timm's default)"
             )
+        return float(module.drop_prob)
+    if _is_hugging_face(module) and _is_drop_path(module):  # transformers' *DropPath: timm's code, per sample, inverted
         return float(module.drop_prob)
     raise TypeError(
         f"{block_name}.{attribute} is a {type(module).__name__}, not a drop-path module "
@@ -167,15 +174,21 @@ def block_conversions(model: nn.Module) -> list[BlockConversion]:
         module, qualified_name, child = unconvertible[0]
         listed = ", ".join(f"{name} ({type(child).__name__})" for _, name, child in unconvertible[:3])
         more = f" and {len(unconvertible) - 3} more" if len(unconvertible) > 3 else ""
-        hugging_face = (
-            " Hugging Face transformers models are not converted yet."
-            if type(module).__module__.startswith("transformers.") else ""
-        )
+        if _is_hugging_face(module):
+            why = REFUSED.get(type(module).__name__)
+            hint = (
+                f" It is not converted because {why}; convert the model without its drop paths (build it with "
+                "drop_path_rate=0) or train it with transformers' own masking drop path." if why else
+                f" {type(module).__name__} is not one of the transformers layers add_stochastic_depth knows (each needs "
+                f"its forward written with gates); supported transformers layers: "
+                f"{', '.join(f.rpartition('.')[2] for f in FAMILIES)}."
+            )
+        else:
+            hint = f" Supported blocks: {', '.join(supported_blocks())}"
         raise TypeError(
             f"{type(model).__name__} holds drop-path modules in blocks that add_stochastic_depth cannot convert, "
             f"so their branches would still be computed and masked: {listed}{more}, e.g. in "
-            f"{names[module]} ({type(module).__module__}.{type(module).__qualname__}).{hugging_face} Supported "
-            f"blocks: {', '.join(supported_blocks())}"
+            f"{names[module]} ({type(module).__module__}.{type(module).__qualname__}).{hint}"
         )
 
     conversions = []
@@ -301,7 +314,8 @@ def add_stochastic_depth(
         check_mode(mode)
     conversions = block_conversions(model)
     if not conversions:
-        hint = " (Hugging Face transformers models are not converted yet)" if type(model).__module__.startswith("transformers.") else ""
+        hint = (f" (the transformers layers it converts: {', '.join(f.rpartition('.')[2] for f in FAMILIES)})"
+                if _is_hugging_face(model) else "")
         raise TypeError(f"{type(model).__name__} has no residual blocks to add stochastic depth to{hint}")
     position = {module: i for i, module in enumerate(model.modules())}
     conversions.sort(key=lambda c: position[c.parent._modules[c.name]])

@@ -98,6 +98,7 @@ __all__ = [
     "StochasticTimmBottleneck",
     "StochasticVisionTransformerBlock",
     "converted_class",
+    "register_class_maker",
     "supported_blocks",
 ]
 if timm_vit is None:  # (timm's blocks are defined only where timm is installed)
@@ -161,9 +162,11 @@ class GatedBlock(RegionHolder):
     BRANCHES: ClassVar[dict[str, tuple[str, ...]]]
 
     def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
+        # Before the bases' hooks: transformers' GradientCheckpointingLayer wraps the forward it
+        # finds and checkpoints only if that wrapper is the class's forward (the outermost).
         if "forward" in cls.__dict__:
             cls.forward = _eager_in_training(cls.__dict__["forward"])
+        super().__init_subclass__(**kwargs)
         if "LIBRARY_CLASS" in cls.__dict__:
             _CONVERSIONS[cls.LIBRARY_CLASS] = cls
 
@@ -186,11 +189,24 @@ for _helper in (GatedBlock.run_shortcut, GatedBlock.runs_regions, GatedBlock.gat
     not_a_frame(_helper)
 
 
+# Functions that make the gated class of a library class on demand (stochastic_depth.hugging_face's,
+# for transformers' layers, which are not imported unless the user's model holds them).
+_CLASS_MAKERS: list[Callable[[type[nn.Module]], type[GatedBlock] | None]] = []
+
+
 def converted_class(library_class: type[nn.Module]) -> type[GatedBlock] | None:
     """The gated class that converts `library_class` (or that is it), or None."""
     if library_class in _CONVERSIONS.values():
         return library_class
-    return _CONVERSIONS.get(library_class)
+    made = _CONVERSIONS.get(library_class)
+    for make in _CLASS_MAKERS:
+        made = made or make(library_class)
+    return made
+
+
+def register_class_maker(make: Callable[[type[nn.Module]], type[GatedBlock] | None]) -> None:
+    """Have :func:`converted_class` ask `make` for the gated class of a library class it does not hold."""
+    _CLASS_MAKERS.append(make)
 
 
 def supported_blocks() -> list[str]:

@@ -6,7 +6,6 @@ Every family is built small (a few blocks, 16-64 channels, 32x32 images) with ra
 
 import copy
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -340,33 +339,6 @@ def test_a_drop_path_of_any_library_is_named_by_its_qualified_name():
     model[1].drop_path = OtherLibraryDropPath(0.1)
     with pytest.raises(TypeError, match=r"1\.drop_path \(OtherLibraryDropPath\)"):
         add_stochastic_depth(model)
-
-
-@pytest.mark.parametrize("family", ["ConvNext", "Dinov2"])
-def test_hugging_face_models_are_refused_naming_their_drop_paths(family):
-    transformers = pytest.importorskip("transformers")
-    if family == "ConvNext":
-        config = transformers.ConvNextConfig(
-            num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 2], drop_path_rate=0.3, num_labels=10
-        )
-        model, first = transformers.ConvNextForImageClassification(config), "convnext.encoder.stages.1.layers.0.drop_path"
-    else:
-        config = transformers.Dinov2Config(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32,
-            patch_size=8, drop_path_rate=0.3,
-        )
-        model, first = transformers.Dinov2Model(config), "encoder.layer.0.drop_path"
-    before = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(TypeError, match=rf"{re.escape(first)} \({family}DropPath\).*Hugging Face transformers models are not converted yet"):
-        add_stochastic_depth(model)
-    assert {n: type(m) for n, m in model.named_modules()} == before
-
-
-def test_a_hugging_face_model_without_drop_paths_is_refused_saying_hugging_face_is_not_converted():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 2], drop_path_rate=0.0)
-    with pytest.raises(TypeError, match="no residual blocks.*Hugging Face transformers models are not converted yet"):
-        add_stochastic_depth(transformers.ConvNextForImageClassification(config))
 
 
 def test_timm_drop_path_without_scale_by_keep_is_refused():

@@ -85,11 +85,13 @@ IMPORT_ORDER = (
     "stochastic_depth.gate",
     "stochastic_depth.schedules",
     "stochastic_depth.library_blocks",
+    "stochastic_depth.hugging_face",
     "stochastic_depth.conversion",
     "stochastic_depth.distributed",
     "resnet_with_stochastic_depth",
     "stochastic_depth.counting",
     "stochastic_depth.evaluation_network",
+    "stochastic_depth.trainer_callback",
 )
 LIBRARY = ("stochastic_depth", "resnet_with_stochastic_depth")
 
