@@ -16,7 +16,7 @@ import torch._dynamo
 import torch.nn.functional as F
 import torchvision
 from test_drops_in_training_code import converted_resnet18
-from test_library_blocks import FAMILIES, images
+from test_library_blocks import FAMILIES, HUGGING_FACE, images
 from test_resnet_with_stochastic_depth import batch, tiny_pair
 from timm.models.vision_transformer import VisionTransformer
 from torch._dynamo.testing import CompileCounter
@@ -37,6 +37,7 @@ ALL_FAMILIES = {
     **FAMILIES,
     "StochasticResNet (CIFAR ResNet-14)": lambda: StochasticResNet.cifar(14, num_classes=10),
     "torchvision ResNet-18": lambda: add_stochastic_depth(torchvision.models.resnet18(num_classes=10), p_last=0.5),
+    **HUGGING_FACE,
 }
 
 

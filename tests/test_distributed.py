@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_library_blocks import HUGGING_FACE
 from test_resnet_with_stochastic_depth import batch
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 from timm.models.vision_transformer import Block as TimmViTBlock
@@ -490,6 +491,7 @@ FAMILIES = {
         [MBConvConfig(1, 3, 1, 8, 8, 2), MBConvConfig(2, 3, 2, 8, 16, 2)], dropout=0.0, stochastic_depth_prob=RATE,
         num_classes=10, last_channel=32,
     ),
+    **HUGGING_FACE,
 }
 
 
@@ -586,7 +588,7 @@ def test_ddp_static_graph_is_refused_with_a_clear_error():
 # ---------------------------------------------------------------------------------- FSDP2, every family
 
 FSDP_FAMILIES = [*FAMILIES, "ResNet (this project's)"]
-LAYER_NORM = {"timm ViT", "timm ConvNeXt", "torchvision ConvNeXt", "torchvision Swin"}
+LAYER_NORM = {"timm ViT", "timm ConvNeXt", "torchvision ConvNeXt", "torchvision Swin", "transformers DINOv2", "transformers Swin"}
 
 
 def _fsdp_family(name):

@@ -65,3 +65,20 @@ def test_lightning_set_step_makes_a_resumed_run_exact(tmp_path):
     # feeds a resumed run's first epoch its first batch twice, whatever the model.)
     assert resumed_drops == whole_drops[3:]
     assert len({tuple(d) for d in whole_drops}) > 1, "every step dropped alike: the test shows nothing"
+
+
+def test_hugging_face_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    generator = torch.Generator().manual_seed(0)
+    namespace = {
+        "config": transformers.Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                            image_size=16, patch_size=8, drop_path_rate=0.3, num_labels=10),
+        "args": transformers.TrainingArguments(output_dir=tmp_path, max_steps=2, per_device_train_batch_size=2,
+                                               report_to=[], use_cpu=True, save_strategy="no"),
+        "train": [{"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": i} for i in range(4)],
+    }  # fmt: skip
+    exec(snippet("hugging-face-trainer", "docs/hugging-face.md"), namespace)
+    assert namespace["rates"] == [0.3] * 4  # DINOv2's one rate, on both branches of both layers
+    gates = stochastic_depth_gates(namespace["model"])
+    assert [g.step for g in gates] == [(1,)] * 4  # the callback keyed the last step's drops

@@ -151,7 +151,8 @@ def _zeroed_reference(unconverted, removed_blocks):
     return handles
 
 
-@pytest.mark.parametrize("family", ["torchvision ConvNeXt", "torchvision Swin", "timm ViT", "timm ConvNeXt"])
+@pytest.mark.parametrize("family", ["torchvision ConvNeXt", "torchvision Swin", "timm ViT", "timm ConvNeXt",
+                                    "transformers DINOv2", "transformers Swin"])
 def test_keep_blocks_on_every_converted_family(family):
     unconverted = build(family).eval()
     model = add_stochastic_depth(copy.deepcopy(unconverted))

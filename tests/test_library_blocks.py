@@ -67,10 +67,35 @@ FAMILIES = {
 }
 LAYER_NORM = {"torchvision ConvNeXt", "torchvision Swin", "torchvision Swin V2", "timm ViT", "timm ConvNeXt"}
 
+
+class HuggingFaceLogits(nn.Module):
+    """transformers' ``{family}ForImageClassification`` from a config, called as ``images -> logits``
+    as the other families are (transformers' own tests are in test_hugging_face.py)."""
+
+    def __init__(self, family, **config):
+        import transformers  # (here: processes that build other families need not import it)
+
+        super().__init__()
+        self.model = getattr(transformers, f"{family}ForImageClassification")(getattr(transformers, f"{family}Config")(**config))
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+# Two transformers families for the tests of the tools (DDP, FSDP2, torch.compile), 32x32 images, 10 classes.
+HUGGING_FACE = {
+    "transformers DINOv2": lambda: HuggingFaceLogits(
+        "Dinov2", hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, image_size=32,
+        patch_size=8, drop_path_rate=RATE, num_labels=10),
+    "transformers Swin": lambda: HuggingFaceLogits(
+        "Swin", image_size=32, patch_size=4, embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=4,
+        drop_path_rate=RATE, num_labels=10),
+}  # fmt: skip
+
 # The submodules (and parameters) each gate's branch consists of, by converted class and gate.
 def build(family, seed=0):
     torch.manual_seed(seed)
-    return FAMILIES[family]()
+    return {**FAMILIES, **HUGGING_FACE}[family]()
 
 
 def images(n=8, seed=1):
