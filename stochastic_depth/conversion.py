@@ -33,6 +33,7 @@ from stochastic_depth.gate import (
     survival_probabilities,
 )
 from stochastic_depth.hugging_face import FAMILIES, REFUSED
+from stochastic_depth.layer_drop import StackConversion, layer_drop_stacks, stop_stack_draws
 from stochastic_depth.library_blocks import GatedBlock, converted_class, supported_blocks
 
 __all__ = ["BlockConversion", "add_stochastic_depth", "block_conversions"]
@@ -57,6 +58,7 @@ class BlockConversion(NamedTuple):
     gate_names: tuple[str, ...]
     drop_probs: tuple[float, ...] | None
     also: tuple[tuple[nn.Module, str], ...] = ()  # the other (parent, name) places of a block used twice
+    stack: StackConversion | None = None  # a layer of a transformers stack with LayerDrop: the stack
 
 
 # Drop-path classes of other libraries, known by name (Hugging Face's ConvNextDropPath,
@@ -192,9 +194,17 @@ def block_conversions(model: nn.Module) -> list[BlockConversion]:
         )
 
     conversions = []
+    layer_drop = set()  # the layers of stacks with LayerDrop, converted as their stack says
+    for stack in layer_drop_stacks(model):
+        for (parent, name, layer, kind), rate in zip(stack.layers, stack.rates):
+            block = layer if type(layer) is kind else _converted(layer, kind)
+            conversions.append(BlockConversion(parent, name, block, kind.GATES, (rate,), stack=stack))
+            layer_drop.add(layer)
     first_slot: dict[nn.Module, BlockConversion] = {}  # a block used in several places converts once
     for parent in names:
         for name, child in parent._modules.items():
+            if child in layer_drop:
+                continue
             if child in first_slot:
                 conversion = first_slot[child]
                 conversions[conversions.index(conversion)] = first_slot[child] = conversion._replace(
@@ -325,7 +335,7 @@ def add_stochastic_depth(
         if all(p == 1.0 for block in probs for p in block):
             warnings.warn(
                 f"{type(model).__name__} was built with a drop rate of 0 (timm's drop_path_rate, torchvision's "
-                "stochastic_depth_prob), and its rates are kept, so no block will ever be dropped: build it with "
+                "stochastic_depth_prob, transformers' drop_path_rate or layerdrop), and its rates are kept, so no block will ever be dropped: build it with "
                 "a rate, or pass p_last (and survival_rule) to add_stochastic_depth",
                 stacklevel=2,
             )
@@ -333,19 +343,22 @@ def add_stochastic_depth(
         rule = "linear" if survival_rule is None else survival_rule
         block_probs = survival_probabilities(len(conversions), rule, 0.5 if p_last is None else p_last)
         probs = [[p] * len(c.gate_names) for c, p in zip(conversions, block_probs)]
-    if mode is None:
-        mode = "row_subset" if own_rates else "batch"
+    default_mode = "row_subset" if own_rates else "batch"
 
     seed, seed_given = seed_or_random(seed)
     index = 0  # the gates' numbers, in block order, which tell their draws apart
     for c, gate_probs in zip(conversions, probs):
         block_inverted = (c.drop_probs is not None) if inverted is None else inverted
+        # LayerDrop's layers: one draw per layer and pass, as transformers draws; no scaling (see the gate).
+        block_mode = mode if mode is not None else "batch" if c.stack is not None else default_mode
         for gate_name, p in zip(c.gate_names, gate_probs):
-            gate = StochasticDepth(survival_prob=p, mode=mode, inverted=block_inverted, seed=seed, index=index)
+            gate = StochasticDepth(survival_prob=p, mode=block_mode, inverted=block_inverted, seed=seed, index=index)
             gate.seed_given = seed_given
             gate.train(c.block.training)  # a model converted in eval mode stays in eval mode
             setattr(c.block, gate_name, gate)
             index += 1
         for parent, name in ((c.parent, c.name), *c.also):
             setattr(parent, name, c.block)
+    for stack in {id(c.stack): c.stack for c in conversions if c.stack is not None}.values():
+        stop_stack_draws(stack)  # the gates draw instead
     return model

@@ -270,6 +270,10 @@ def _pass_tag() -> int:
 class StochasticDepth(RegionHolder):
     """Randomly bypasses one residual branch: ``gate(branch, x, shortcut)`` is ``shortcut + branch(x)``, gated.
 
+    ``gate(layer, x, None)`` gates a whole layer instead, as LayerDrop (Fan et al., 2019) does:
+    its output replaces ``x`` where it is kept, ``x`` passes through where it is dropped, and
+    nothing is scaled, in training or at test (``inverted`` does not apply).
+
     Training modes (``survival_prob`` is the probability of *keeping* the branch; the
     argument is keyword-only because torchvision's ``StochasticDepth(p, mode)`` takes
     the probability of *dropping* it):
@@ -347,6 +351,9 @@ class StochasticDepth(RegionHolder):
     last_active : Tensor or None
         What the last forward pass computed: a bool scalar (``"batch"``) or one
         bool per sample (row modes); all True in evaluation, except for ``p = 0``.
+    kept_rows : Tensor or None
+        While a row mode runs a whole layer (``shortcut=None``) on some samples, their
+        indices, for the layer's other inputs with a batch dimension; None otherwise.
     """
 
     def __init__(
@@ -370,6 +377,8 @@ class StochasticDepth(RegionHolder):
         self.step: tuple[int, ...] | None = None
         self.passes = 0
         self._last_active: bool | Tensor | None = None
+        # While a row mode runs a whole layer on some samples: their indices (see _train).
+        self.kept_rows: Tensor | None = None
         # The keys of the latest passes by their tags (see _pass_tag), for recomputations.
         self._recent: collections.OrderedDict[int, tuple[int, tuple[int, ...] | None]] = collections.OrderedDict()
 
@@ -386,7 +395,7 @@ class StochasticDepth(RegionHolder):
         active = self._last_active
         return torch.tensor(active) if isinstance(active, bool) else active
 
-    def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+    def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None) -> Tensor:
         if not self.training:
             return self._evaluate(branch, x, shortcut)
         if isinstance(x, torch.fx.Proxy):
@@ -399,7 +408,7 @@ class StochasticDepth(RegionHolder):
             )
         return self._train(branch, x, shortcut)
 
-    def _evaluate(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+    def _evaluate(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None) -> Tensor:
         # A branch never trained with (p_l = 0, drop_scale 1) is left out at test time too. Read so
         # that drop_scale is looked at only then: under torch.compile, whatever the traced code reads
         # is guarded on, and an inverted gate's output does not depend on drop_scale otherwise (an
@@ -410,8 +419,10 @@ class StochasticDepth(RegionHolder):
         if not torch.compiler.is_exporting():
             self._last_active = not left_out
         if left_out:
-            return shortcut
+            return x if shortcut is None else shortcut
         residual = self.run_region(branch, x)
+        if shortcut is None:  # a whole layer (LayerDrop): its output, unscaled
+            return residual
         # Not inverted: scaled by the survival probability in force (p_l, or more while
         # drop_scale < 1): after a schedule that ends with fewer drops, evaluation is the
         # network training ended with.
@@ -419,7 +430,7 @@ class StochasticDepth(RegionHolder):
         return out if isinstance(x, torch.fx.Proxy) else _in_layout_of(out, residual)
 
     @eager_frame
-    def _train(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor) -> Tensor:
+    def _train(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None) -> Tensor:
         """A training pass: decide, then run the branch on what is kept.
 
         Eager also under torch.compile (a graph break where the gate is called): the branch
@@ -428,21 +439,31 @@ class StochasticDepth(RegionHolder):
         decision, recomputed = self._decide(x)
         if not recomputed:  # a recomputation does not change what the last pass was
             self._last_active = decision.active
+        layer = shortcut is None  # LayerDrop: the branch's output replaces x, nothing is scaled
         if self.mode == "batch":
             if not decision.active:
-                return shortcut
+                return x if layer else shortcut
             residual = self.run_region(branch, x)
+            if layer:
+                return residual
             return _in_layout_of(shortcut.add(residual, alpha=self._train_scale(decision.survival_prob)), residual)
 
         kept, batch_size = decision.kept, x.shape[0]
         if len(kept) == 0:
-            return shortcut
+            return x if layer else shortcut
         # Each sample keeps the branch with probability p ("row") or k / B ("row_subset").
         scale = self._train_scale(decision.survival_prob if self.mode == "row" else len(kept) / batch_size)
         if len(kept) == batch_size:
             residual = self.run_region(branch, x)
-            return _in_layout_of(shortcut.add(residual, alpha=scale), residual)
+            return residual if layer else _in_layout_of(shortcut.add(residual, alpha=scale), residual)
         kept = _indices_to(kept, x.device)
+        if layer:  # (a layer's rows are samples of (B, tokens, C): no memory layout to keep)
+            self.kept_rows = kept  # for the layer's other inputs with a batch dimension (an attention mask)
+            try:
+                residual = self.run_region(branch, mark_batch_dynamic(x.index_select(0, kept)))
+            finally:
+                self.kept_rows = None
+            return x.index_copy(0, kept, residual.to(x.dtype))  # (its backward saves only the indices)
         # A channels_last input is gathered and scattered as (N, H, W, C) views, in which it is
         # plainly contiguous; the branch still sees (N, C, H, W).
         nhwc = _channels_last(x)

@@ -86,6 +86,7 @@ IMPORT_ORDER = (
     "stochastic_depth.schedules",
     "stochastic_depth.library_blocks",
     "stochastic_depth.hugging_face",
+    "stochastic_depth.layer_drop",
     "stochastic_depth.conversion",
     "stochastic_depth.distributed",
     "resnet_with_stochastic_depth",

@@ -1,0 +1,283 @@
+"""LayerDrop in Hugging Face ``transformers``' encoders and decoders, with the gates' guarantees.
+
+LayerDrop (Fan et al., 2019, "Reducing Transformer Depth on Demand with Structured Dropout")
+is stochastic depth over whole transformer layers: in training each layer is skipped with
+probability ``p`` (its output is its input), nothing is rescaled, and every layer runs at test
+time. transformers' stacks draw it themselves, in their layer loop, from each process's own
+``torch.rand([])``: processes drop different layers under DDP, and under DeepSpeed ZeRO-3 or
+FSDP the speech encoders run a dropped layer anyway and keep its output (LayerDrop is then off).
+
+``add_stochastic_depth`` converts every layer of a stack in :data:`STACKS`: the layer gets one
+gate, ``layerdrop``, that skips it whole (``gate(layer, x, None)``, see
+:class:`~stochastic_depth.gate.StochasticDepth`), with the stack's rate (the same ``p`` for
+every layer, as transformers has it) and ``mode="batch"`` (one draw per layer and pass, as
+transformers draws) by default. The stack's own draw is turned off without touching the
+user's config, which ``save_pretrained`` writes as it was:
+
+- a stack that reads its rate from an attribute (``BartEncoder.layerdrop``, set from the config
+  when it is built) gets ``layerdrop = 0.0`` on the stack;
+- a stack that reads ``self.config.layerdrop`` (the wav2vec2 family) gets, as ``config``, a
+  view of the model's config: the very same attributes (one ``__dict__``: a change to the
+  model's config shows there too), except the rate, which reads 0. ``copy.deepcopy`` of the
+  model copies the view as a separate config.
+
+A converted layer's class has the transformers class's name (see ``stochastic_depth.hugging_face``):
+``_no_split_modules``, FSDP auto-wrap and ``GradientCheckpointingLayer`` keep working, and a
+recomputed layer drops as its forward did. Every layer is called in training too, so the
+hooks that collect ``output_hidden_states`` record one hidden state per layer (a dropped layer's
+is its input); a dropped layer records no ``attentions`` (the attention module does not run).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from stochastic_depth.compilation import not_a_frame
+from stochastic_depth.gate import StochasticDepth
+from stochastic_depth.library_blocks import GatedBlock
+
+__all__ = ["REFUSED_STACKS", "STACKS", "LayerDropLayer", "LayerDropStack", "layer_drop_stacks", "stop_stack_draws"]
+
+
+@dataclass(frozen=True)
+class LayerDropStack:
+    """Where a transformers stack keeps its layers and its LayerDrop rate.
+
+    ``rate``: the attribute its forward compares its draw with, on the stack (``"layerdrop"``)
+    or on its config (``"config.layerdrop"``). ``layers``: the ``nn.ModuleList`` of its layers.
+    ``passes_through``: the keyword arguments a layer returns after the hidden states (WavLM's
+    ``position_bias``), which a dropped layer passes through unchanged. ``first_kept``: the
+    first layer is never dropped (WavLM's computes the position bias the others read).
+    """
+
+    rate: str = "layerdrop"
+    layers: str = "layers"
+    passes_through: tuple[str, ...] = ()
+    first_kept: bool = False
+
+
+_CONFIG = LayerDropStack(rate="config.layerdrop")
+_WAVLM = LayerDropStack(rate="config.layerdrop", passes_through=("position_bias",), first_kept=True)
+
+# The stacks converted (module under transformers.models, and class name).
+STACKS: dict[str, LayerDropStack] = {
+    "wav2vec2.modeling_wav2vec2.Wav2Vec2Encoder": _CONFIG,
+    "wav2vec2.modeling_wav2vec2.Wav2Vec2EncoderStableLayerNorm": _CONFIG,
+    "hubert.modeling_hubert.HubertEncoder": _CONFIG,
+    "hubert.modeling_hubert.HubertEncoderStableLayerNorm": _CONFIG,
+    "wavlm.modeling_wavlm.WavLMEncoder": _WAVLM,
+    "wavlm.modeling_wavlm.WavLMEncoderStableLayerNorm": _WAVLM,
+    "data2vec.modeling_data2vec_audio.Data2VecAudioEncoder": _CONFIG,
+    "sew.modeling_sew.SEWEncoder": _CONFIG,
+    "unispeech.modeling_unispeech.UniSpeechEncoder": _CONFIG,
+    "unispeech.modeling_unispeech.UniSpeechEncoderStableLayerNorm": _CONFIG,
+    "unispeech_sat.modeling_unispeech_sat.UniSpeechSatEncoder": _CONFIG,
+    "unispeech_sat.modeling_unispeech_sat.UniSpeechSatEncoderStableLayerNorm": _CONFIG,
+    "bart.modeling_bart.BartEncoder": LayerDropStack(),
+    "bart.modeling_bart.BartDecoder": LayerDropStack(),
+    "mbart.modeling_mbart.MBartEncoder": LayerDropStack(),
+    "mbart.modeling_mbart.MBartDecoder": LayerDropStack(),
+    "marian.modeling_marian.MarianEncoder": LayerDropStack(),
+    "marian.modeling_marian.MarianDecoder": LayerDropStack(),
+    "pegasus.modeling_pegasus.PegasusEncoder": LayerDropStack(),
+    "pegasus.modeling_pegasus.PegasusDecoder": LayerDropStack(),
+    "m2m_100.modeling_m2m_100.M2M100Encoder": LayerDropStack(),
+    "m2m_100.modeling_m2m_100.M2M100Decoder": LayerDropStack(),
+    "whisper.modeling_whisper.WhisperEncoder": LayerDropStack(),
+    "whisper.modeling_whisper.WhisperDecoder": LayerDropStack(),
+    "speech_to_text.modeling_speech_to_text.Speech2TextEncoder": LayerDropStack(),
+    "speech_to_text.modeling_speech_to_text.Speech2TextDecoder": LayerDropStack(),
+    "opt.modeling_opt.OPTDecoder": LayerDropStack(),
+}
+
+# Stacks with LayerDrop that are not stacks of residual layers, and why.
+REFUSED_STACKS: dict[str, str] = {
+    "Wav2Vec2Adapter": "its LayerDrop drops stride-2 convolutions that shorten the sequence, not residual layers",
+    "Data2VecAudioAdapter": "its LayerDrop drops stride-2 convolutions that shorten the sequence, not residual layers",
+    "WavLMAdapter": "its LayerDrop drops stride-2 convolutions that shorten the sequence, not residual layers",
+    "Mask2FormerMaskedAttentionDecoder": "a skipped layer also skips its mask prediction, which the next layer reads",
+}
+
+
+def _family_name(cls: type) -> str:
+    module = cls.__module__
+    return f"{module.removeprefix('transformers.models.')}.{cls.__name__}" if module.startswith("transformers.") else ""
+
+
+@functools.cache
+def _draws_layer_drop(cls: type) -> bool:
+    """Whether a transformers class's forward reads a LayerDrop rate (its source says ``layerdrop``)."""
+    try:
+        return "layerdrop" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+class LayerDropLayer(GatedBlock):
+    """A transformers layer that its gate, ``layerdrop``, skips whole (LayerDrop).
+
+    Made by :func:`layer_drop_stacks` per transformers layer class, with that class's name;
+    ``forward`` takes what the layer takes and returns what it returns: the layer's output
+    where it runs, its input where it is dropped (and the arguments in ``PASSES_THROUGH``
+    after it, where the layer returns a tuple).
+    """
+
+    GATES: ClassVar[tuple[str, ...]] = ("layerdrop",)
+    LAYER_CLASS: ClassVar[type[nn.Module]]
+    PASSES_THROUGH: ClassVar[tuple[str, ...]] = ()
+    layerdrop: StochasticDepth
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        others: list[tuple] = []
+
+        def layer(x: Tensor) -> Tensor:
+            rows = self.layerdrop.kept_rows  # (row modes: the samples x holds)
+            if rows is None:
+                out = self.LAYER_CLASS.forward(self, x, *args, **kwargs)
+            else:
+                out = self.LAYER_CLASS.forward(self, x, *_rows(args, rows, hidden_states), **_rows(kwargs, rows, hidden_states))
+            if isinstance(out, tuple):
+                others.append(out[1:])
+                return out[0]
+            return out
+
+        if self.PASSES_THROUGH and self.training and self.layerdrop.mode != "batch":
+            raise ValueError(
+                f"{type(self).__name__} returns {', '.join(self.PASSES_THROUGH)} beside its hidden states, computed "
+                f"for the samples it runs on, so it cannot be skipped per sample (mode={self.layerdrop.mode!r}): "
+                "convert the model with mode='batch' (LayerDrop's own)"
+            )
+        hidden_states = self.layerdrop(layer, hidden_states, None)
+        if not self.PASSES_THROUGH:
+            return hidden_states
+        return (hidden_states, *(others[0] if others else (kwargs.get(name) for name in self.PASSES_THROUGH)))
+
+
+@not_a_frame
+def _rows(values: Any, rows: Tensor, hidden_states: Tensor) -> Any:
+    """`values` (a tuple or dict of a layer's arguments) with every tensor that has the hidden states'
+    batch size in its first dimension (an attention mask) cut to the samples `rows`."""
+    batch = hidden_states.shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
+            return value.index_select(0, rows)
+        return value
+
+    return {k: cut(v) for k, v in values.items()} if isinstance(values, dict) else tuple(cut(v) for v in values)
+
+
+_MADE: dict[type[nn.Module], type[LayerDropLayer]] = {}
+
+
+def _layer_class(layer: nn.Module, stack: LayerDropStack) -> type[LayerDropLayer]:
+    """The LayerDrop class of `layer`'s transformers class (made once, with its name)."""
+    library_class = type(layer)
+    made = _MADE.get(library_class)
+    if made is None:
+        made = _MADE[library_class] = type(library_class.__name__, (LayerDropLayer, library_class), {
+            "LAYER_CLASS": library_class,
+            "PASSES_THROUGH": stack.passes_through,
+            "BRANCHES": {"layerdrop": ()},
+            "__module__": __name__,
+            "__qualname__": library_class.__qualname__,
+            "__doc__": f"transformers' ``{library_class.__name__}``, skipped whole by its gate ``layerdrop`` (LayerDrop).",
+        })  # fmt: skip
+    # The branch is the whole layer: every child (the class's BRANCHES, for FSDP2's recipe).
+    children = tuple(name for name in layer.__dict__.get("_modules", ()) if name != "layerdrop")
+    made.BRANCHES = {"layerdrop": tuple(dict.fromkeys(made.BRANCHES["layerdrop"] + children))}
+    return made
+
+
+@dataclass
+class StackConversion:
+    """One stack with LayerDrop: its layers as ``(parent list, index, layer, made class)`` and their rates."""
+
+    stack: nn.Module
+    name: str
+    layers: list[tuple[nn.ModuleList, str, nn.Module, type[LayerDropLayer]]]
+    rates: list[float]
+    description: LayerDropStack
+
+
+def layer_drop_stacks(model: nn.Module) -> list[StackConversion]:
+    """The transformers stacks with LayerDrop in `model`, in ``model.modules()`` order; changes nothing.
+
+    Raises
+    ------
+    TypeError
+        For a stack in :data:`REFUSED_STACKS`, or another transformers module whose forward
+        draws LayerDrop and that is not in :data:`STACKS`, naming it and why.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LayerDropLayer) or not type(module).__module__.startswith("transformers."):
+            continue
+        description = STACKS.get(_family_name(type(module)))
+        if description is None:
+            if not _draws_layer_drop(type(module)):
+                continue
+            why = REFUSED_STACKS.get(type(module).__name__)
+            raise TypeError(
+                f"{name or type(model).__name__} ({type(module).__name__}) draws LayerDrop, and add_stochastic_depth "
+                + (f"does not convert it: {why}. " if why else "does not know this stack (each needs its rate and layers "
+                   f"described in stochastic_depth.layer_drop.STACKS; known: {', '.join(s.rpartition('.')[2] for s in STACKS)}). ")
+                + "Set its layerdrop to 0 in the config to train without it, or convert the model without this stack."
+            )
+        layers = getattr(module, description.layers)
+        already = [layer for layer in layers if isinstance(layer, LayerDropLayer)]
+        if already:  # converted before: the stack's own draw is off, its gates hold the rate
+            rate = 1.0 - already[-1].layerdrop.survival_prob
+        else:
+            owner, attribute = (module.config, description.rate.removeprefix("config.")) if description.rate.startswith(
+                "config.") else (module, description.rate)
+            rate = float(getattr(owner, attribute))
+        made = [(layers, str(i), layer, type(layer) if isinstance(layer, LayerDropLayer) else _layer_class(layer, description))
+                for i, layer in enumerate(layers)]  # fmt: skip
+        rates = [0.0 if i == 0 and description.first_kept else rate for i in range(len(layers))]
+        found.append(StackConversion(module, name, made, rates, description))
+    return found
+
+
+@functools.cache
+def _view_class(config_class: type, attribute: str) -> type:
+    return type(config_class.__name__, (config_class,), {
+        attribute: property(lambda self: 0.0), "layer_drop_view": True, "__module__": __name__})  # fmt: skip
+
+
+def _without(config: Any, attribute: str) -> Any:
+    """A view of `config`: the same attributes (one ``__dict__``), except `attribute`, which reads 0."""
+    view = object.__new__(_view_class(type(config), attribute))
+    view.__dict__ = config.__dict__
+    return view
+
+
+def stop_stack_draws(conversion: StackConversion) -> None:
+    """Turn off the stack's own LayerDrop draw, leaving the model's config as the user set it."""
+    rate = conversion.description.rate
+    if rate.startswith("config."):
+        stack = conversion.stack
+        if not getattr(type(stack.config), "layer_drop_view", False):
+            stack.config = _without(stack.config, rate.removeprefix("config."))
+    else:
+        setattr(conversion.stack, rate, 0.0)
+
+
+def __getattr__(name: str) -> type:
+    # A pickled converted model names its layers' classes (and its config views) as this module's:
+    # they are made again from transformers on loading.
+    import importlib  # (only here: importing this module does not import transformers)
+
+    for family, description in STACKS.items():
+        module = importlib.import_module(f"transformers.models.{family.rpartition('.')[0]}")
+        library_class = getattr(module, name, None)
+        if isinstance(library_class, type) and issubclass(library_class, nn.Module):
+            return _layer_class(library_class.__new__(library_class), description)
+        if isinstance(library_class, type) and name.endswith("Config"):
+            return _view_class(library_class, "layerdrop")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
