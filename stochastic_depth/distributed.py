@@ -345,7 +345,8 @@ def data_parallel(model: nn.Module, **ddp_options: Any) -> DistributedDataParall
     ValueError
         For ``static_graph=True`` while a gate can drop (survival probability below 1):
         DDP would assume the parameters unused at its first step are unused at every step.
-        For ``find_unused_parameters=False`` likewise.
+        For ``find_unused_parameters=False`` likewise. For transformers layers checkpointed with
+        ``use_reentrant=True``, which DDP cannot run with unused parameters.
         When the processes' gates differ in seed, mode or rates (checked once, here, with one
         ``all_gather_object``): the processes would train different sub-networks.
     TypeError
@@ -367,5 +368,18 @@ def data_parallel(model: nn.Module, **ddp_options: Any) -> DistributedDataParall
             "find_unused_parameters=False: a dropped branch's parameters get no gradient, and DDP would wait for "
             "them; data_parallel sets find_unused_parameters=True"
         )
+    if can_drop and any(_reentrant_checkpointing(m) for m in model.modules()):
+        raise ValueError(
+            "the model checkpoints its layers with reentrant activation checkpointing (use_reentrant=True), which "
+            "DDP cannot combine with the unused parameters of dropped branches (find_unused_parameters=True, a "
+            "PyTorch limit): enable checkpointing with use_reentrant=False, transformers' default "
+            "(model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
+        )
     ddp_options["find_unused_parameters"] = True
     return DistributedDataParallel(model, **ddp_options)
+
+
+def _reentrant_checkpointing(module: nn.Module) -> bool:
+    """Whether `module` is a transformers layer set to checkpoint with ``use_reentrant=True``."""
+    function = getattr(module, "_gradient_checkpointing_func", None)
+    return bool(getattr(module, "gradient_checkpointing", False)) and getattr(function, "keywords", {}).get("use_reentrant") is True

@@ -738,3 +738,101 @@ def test_ddp_processes_draw_their_own_samples_in_the_row_modes(tmp_path, mode):
         set_step(single, *step)
         single(batch(16)[0])
         assert torch.equal(single.active_blocks, drops0[step]), step
+
+
+# ---------------------------------------------------------------------------------- LayerDrop (transformers' BART)
+
+
+def _bart(layerdrop=0.5, convert=True):
+    """A 4+4-layer transformers BART, no dropout (the processes' streams differ), LayerDrop 0.5; the same weights at every call."""
+    import transformers
+
+    config = transformers.BartConfig(
+        d_model=16, encoder_layers=4, decoder_layers=4, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=50, max_position_embeddings=32, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=layerdrop, decoder_layerdrop=layerdrop,
+    )
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config)
+    return add_stochastic_depth(model, seed=SEED) if convert else model
+
+
+def _tokens(step, rank):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return {"input_ids": torch.randint(3, 50, (BATCH, 10), generator=g), "labels": torch.randint(3, 50, (BATCH, 7), generator=g)}
+
+
+def _layer_drop_ddp_worker(rank, reentrant):
+    torch.manual_seed(100 + rank)  # the processes' random streams differ
+    model = _bart()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    try:
+        ddp = data_parallel(model.train())
+    except ValueError as error:
+        return {"error": str(error)}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    active = []
+    for step in range(4):
+        set_step(model, step)
+        optimizer.zero_grad(set_to_none=True)
+        ddp(**_tokens(step, rank)).loss.backward()
+        optimizer.step()
+        active.append([bool(g.last_active) for g in stochastic_depth_gates(model)])
+    return {"active": active, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def test_layer_drop_under_ddp_with_checkpointing_drops_alike_and_trains_as_one_process():
+    results = spawn(_layer_drop_ddp_worker, False)
+    model = _bart().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(4):
+        set_step(model, step)
+        optimizer.zero_grad(set_to_none=True)
+        # Both processes' samples; each process's loss is a mean over its own tokens (the same number).
+        batches = [_tokens(step, rank) for rank in range(WORLD)]
+        sum(model(**b).loss for b in batches).div(WORLD).backward()
+        optimizer.step()
+        active = [bool(g.last_active) for g in stochastic_depth_gates(model)]
+        assert results[0]["active"][step] == results[1]["active"][step] == active
+    assert not all(all(a) for a in results[0]["active"]) and any(any(a) for a in results[0]["active"])
+    for n, p in model.named_parameters():
+        assert torch.equal(results[0]["params"][n], results[1]["params"][n]), n
+        torch.testing.assert_close(results[0]["params"][n], p.detach(), rtol=0, atol=2e-5, msg=n)
+
+
+def test_reentrant_checkpointing_under_ddp_is_refused_saying_what_to_set():
+    results = spawn(_layer_drop_ddp_worker, True)
+    assert all("use_reentrant" in r["error"] and "False" in r["error"] for r in results)
+
+
+def _layer_drop_fsdp_worker(rank):
+    torch.manual_seed(100 + rank)
+    model = fully_shard_stochastic_depth(_bart().train())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    steps = []
+    for step in range(3):
+        set_step(model, step)
+        optimizer.zero_grad(set_to_none=True)
+        with collective_bytes() as sent:
+            model(**_tokens(step, rank)).loss.backward()
+        optimizer.step()
+        steps.append({"active": [bool(g.last_active) for g in stochastic_depth_gates(model)], "all_gathered": sent.all_gathered})
+    return {"steps": steps, "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
+
+
+def test_layer_drop_under_fsdp2_gathers_only_the_kept_layers_and_trains_as_one_process():
+    results = spawn(_layer_drop_fsdp_worker)
+    model = _bart().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        set_step(model, step)
+        optimizer.zero_grad(set_to_none=True)
+        sum(model(**_tokens(step, rank)).loss for rank in range(WORLD)).div(WORLD).backward()
+        optimizer.step()
+        active = [bool(g.last_active) for g in stochastic_depth_gates(model)]
+        for result in results:
+            assert result["steps"][step]["active"] == active
+            assert result["steps"][step]["all_gathered"] == _expected_all_gathered(model, active), step
+    assert not all(all(s["active"]) for s in results[0]["steps"])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(results[0]["params"][n], p.detach(), rtol=0, atol=2e-5, msg=n)
