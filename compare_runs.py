@@ -32,10 +32,10 @@ from run_statistics import paired_difference, paired_ratio
 INCIDENTAL = {"seed", "output_dir", "resume", "progress", "log_every", "device", "torch", "data_dir", "download",
               "eval_batch_size", "world_size", "max_steps", "channels_last"}
 # Settings that say which model a run trained: the same within a group, different between groups.
-MODEL = {"plain", "p_last", "survival_rule", "dropped_update", "parameters", "drop_schedule", "drop_switch"}
+MODEL = {"plain", "p_last", "survival_rule", "dropped_update", "parameters", "drop_schedule", "drop_switch", "drop_path_rate"}
 # Settings added to train.py after runs were made, with the value those runs had: a config that lacks one gets it,
 # so that a run from before the option compares with one from after (the same as Recipe.from_dict's defaults).
-ADDED_LATER = {"drop_schedule": "constant", "drop_switch": 0.25}
+ADDED_LATER = {"drop_schedule": "constant", "drop_switch": 0.25, "model": "resnet", "optimizer": "sgd", "lr_schedule": "step"}
 ERRORS = {
     "test error at best val. epoch": lambda run: run["summary"]["test_error_at_best_val"],
     "final test error": lambda run: run["summary"]["final_test_error"],

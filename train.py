@@ -1,4 +1,4 @@
-"""Train one ResNet, plain or with stochastic depth, with the paper's recipe.
+"""Train one ResNet, plain or with stochastic depth, with the paper's recipe; or a small ViT.
 
 The defaults are Huang et al.'s CIFAR recipe (ECCV 2016, and their official code): ResNet-110
 with option-A shortcuts, linear decay to p_L = 0.5, SGD with Nesterov momentum 0.9, weight
@@ -7,16 +7,28 @@ decay 1e-4, batch 128, lr 0.1 divided by 10 after 50% and 75% of 500 epochs, shi
 error at the epoch of lowest validation error. SVHN gets the paper's SVHN recipe (ResNet-152,
 50 epochs, lr drops after epochs 30 and 35, no augmentation).
 
+``--model vit`` trains a small timm Vision Transformer instead (``--vit-layers``, ``--vit-width``,
+``--vit-heads``, ``--vit-patch``), with timm's stochastic depth converted so that dropped branches
+are not computed: the drop rate rises linearly from 0 at the first block to ``--drop-path-rate``
+at the last (timm's and DeiT's rule), per sample (``row_subset``), and ``--plain`` means no drops.
+A ViT recipe is chosen with the optimiser options: ``--optimizer adamw --weight-decay 0.05
+--lr-schedule cosine`` (DeiT's; no weight decay on biases, norms, the position embedding and
+the class token) and a warm-up (``--warmup-steps``, ``--warmup-shape linear``). Everything else
+(the data, the files, resume, the drop schedules) is the same for both models.
+
 Usage::
 
     python train.py --dataset cifar10 --output-dir runs/c10-sd        # stochastic depth
     python train.py --dataset cifar10 --plain --output-dir runs/c10   # constant depth
     python train.py --dataset cifar10 --output-dir runs/c10-sd --resume
+    python train.py --dataset fashion-mnist --model vit --optimizer adamw --lr 1e-3 --weight-decay 0.05 \\
+        --lr-schedule cosine --warmup-steps 200 --warmup-shape linear --output-dir runs/fm-vit-sd
     torchrun --nproc_per_node 4 train.py --dataset cifar100 --output-dir runs/c100-sd
 
 Under ``torchrun`` every process trains a DistributedDataParallel replica on its share of
 each batch (``--batch-size`` is the batch of all processes together, so the recipe does not
-change with their number), all processes drop the same blocks at every step, and only rank 0
+change with their number), all processes drop the same blocks at every step (a ViT's per-sample
+drops: each process draws its own samples, at the same rates), and only rank 0
 writes files and shows progress. Each epoch ``--output-dir`` gets ``metrics.json``,
 ``metrics.csv`` and ``checkpoint.pt`` (written atomically).
 
@@ -49,7 +61,13 @@ from tqdm.auto import tqdm
 
 import image_data
 from atomic_files import write_atomically, write_json_atomically
-from resnet_with_stochastic_depth import ResNet, StochasticResNet, set_step, stochastic_depth_state
+from resnet_with_stochastic_depth import (
+    StochasticDepth,
+    add_stochastic_depth,
+    set_step,
+    stochastic_depth_gates,
+    stochastic_depth_state,
+)
 from stochastic_depth.schedules import early_drops, late_drops
 from training import (
     BatchSampler,
@@ -68,6 +86,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
     "fashion-mnist": dict(depth=110, epochs=500, lr_milestones=[0.5, 0.75], augmentation="translate"),
 }
+# The ViT's shape and drops when not given (--model vit): 12 blocks as ViT-Tiny, narrow enough that a run of
+# 2,064 steps of 128 images at 16x16 pixels takes about 7 minutes on one CPU thread (0.18 s a step;
+# results/vit-fashion-mnist/run_all.sh), heads of 32 channels; DeiT-Tiny's drop rate (0.1 at the last block).
+VIT_DEFAULTS: dict[str, Any] = dict(vit_layers=12, vit_width=64, vit_heads=2, vit_patch=4, drop_path_rate=0.1)
+# The side of each dataset's images in pixels (--image-size changes it), which the ViT's patch grid needs.
+IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "svhn": 32, "mnist": 28, "fashion-mnist": 28}
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "epoch_time_s", "eval_time_s", "mean_active_blocks",
@@ -89,6 +113,9 @@ CHOICES = {
     "warmup_shape": ("constant", "linear"),
     "dropped_update": ("decay", "skip"),
     "drop_schedule": ("constant", "early", "late"),
+    "model": ("resnet", "vit"),
+    "optimizer": ("sgd", "adamw"),
+    "lr_schedule": ("step", "cosine"),
 }
 
 
@@ -101,7 +128,11 @@ class Recipe:
     in on construction: ``depth``, ``epochs``, ``lr_milestones`` and ``augmentation`` from
     the dataset's :data:`RECIPES`, ``warmup_lr`` as ``lr / 10``; ``val_size`` stays None (the
     paper's split, see ``image_data``) and so do ``train_subset`` and ``image_size`` (none).
-    ``plain`` and ``p_last == 1`` are made to agree. A Recipe is therefore complete and valid.
+    The options of one model stay None for the other: ``depth`` and ``p_last`` (0.5) are
+    filled for ``model="resnet"``, the ``vit_*`` fields and ``drop_path_rate`` for
+    ``model="vit"`` (from :data:`VIT_DEFAULTS`), and giving one for the other model is an error.
+    ``plain`` and ``p_last == 1`` (a ViT: ``drop_path_rate == 0``) are made to agree. A Recipe
+    is therefore complete and valid.
 
     A checkpoint stores it as a dict and ``metrics.json``'s config holds its fields;
     :meth:`from_dict` reads both back. Whatever was stored before a field existed was
@@ -118,17 +149,25 @@ class Recipe:
     dataset: str = "cifar10"
     val_size: int | None = None
     train_subset: int | None = None
+    model: str = "resnet"
     depth: int | None = None
     shortcut: str = "A"
-    p_last: float = 0.5
+    p_last: float | None = None
     plain: bool = False
     survival_rule: str = "linear"
+    vit_layers: int | None = None
+    vit_width: int | None = None
+    vit_heads: int | None = None
+    vit_patch: int | None = None
+    drop_path_rate: float | None = None
     epochs: int | None = None
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = True
+    optimizer: str = "sgd"
+    lr_schedule: str = "step"
     lr_milestones: tuple[float, ...] | None = None
     dropped_update: str = "decay"
     augmentation: str | None = None
@@ -148,8 +187,19 @@ class Recipe:
 
         if self.dataset not in RECIPES:
             raise ValueError(f"--dataset must be one of {', '.join(RECIPES)}, got {self.dataset!r}")
-        for name, value in RECIPES[self.dataset].items():
-            if getattr(self, name) is None:
+        if self.model not in CHOICES["model"]:
+            raise ValueError(f"--model must be one of {', '.join(CHOICES['model'])}, got {self.model!r}")
+        # Each model's own options are filled for it and refused for the other, which would ignore them.
+        if self.model == "vit":
+            own, others, hint = dict(VIT_DEFAULTS), ("depth", "p_last"), " (a ViT's: --vit-layers, --drop-path-rate)"
+        else:
+            own, others, hint = dict(p_last=0.5), tuple(VIT_DEFAULTS), ""
+        for name in others:
+            if getattr(self, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} is an option of the other --model, got "
+                                 f"{getattr(self, name)} with --model {self.model}{hint}")
+        for name, value in [*RECIPES[self.dataset].items(), *own.items()]:
+            if getattr(self, name) is None and name not in others:
                 fill(name, value)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
@@ -157,13 +207,16 @@ class Recipe:
         if isinstance(self.lr_milestones, (int, float)):
             raise ValueError(f"--lr-milestones is a list of fractions, got {self.lr_milestones!r}")
         fill("lr_milestones", tuple(self.lr_milestones))  # argparse and stored recipes give lists
-        if self.plain:
-            fill("p_last", 1.0)
-        fill("plain", self.p_last == 1.0)
-        if self.depth < 8 or (self.depth - 2) % 6:
-            raise ValueError(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {self.depth}")
-        if not 0.0 < self.p_last <= 1.0:
-            raise ValueError(f"--p-last must be in (0, 1], got {self.p_last}")
+        if self.model == "resnet":
+            if self.plain:
+                fill("p_last", 1.0)
+            fill("plain", self.p_last == 1.0)
+            if self.depth < 8 or (self.depth - 2) % 6:
+                raise ValueError(f"--depth must be 6n+2 (20, 32, 44, 56, 110, 152, 1202, ...), got {self.depth}")
+            if not 0.0 < self.p_last <= 1.0:
+                raise ValueError(f"--p-last must be in (0, 1], got {self.p_last}")
+        else:
+            self._check_vit()
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -187,11 +240,39 @@ class Recipe:
         if not (math.isfinite(self.drop_switch) and 0.0 < self.drop_switch < 1.0):
             raise ValueError(f"--drop-switch is a fraction of the steps in (0, 1), got {self.drop_switch}")
         if self.plain and self.drop_schedule != "constant":
-            raise ValueError(f"--drop-schedule {self.drop_schedule} needs stochastic depth, not --plain (or --p-last 1)")
+            raise ValueError(f"--drop-schedule {self.drop_schedule} needs stochastic depth, not --plain (or "
+                             f"{'--drop-path-rate 0' if self.model == 'vit' else '--p-last 1'})")
         if self.warmup_lr is None:
             fill("warmup_lr", self.lr / 10)
         if not (math.isfinite(self.warmup_lr) and self.warmup_lr > 0):
             raise ValueError(f"--warmup-lr must be positive and finite, got {self.warmup_lr}")
+
+    def _check_vit(self) -> None:
+        """``--model vit``'s options; makes ``plain`` and ``drop_path_rate == 0`` agree."""
+        if self.plain:
+            object.__setattr__(self, "drop_path_rate", 0.0)
+        if not (math.isfinite(self.drop_path_rate) and 0.0 <= self.drop_path_rate < 1.0):
+            raise ValueError(f"--drop-path-rate is the last block's drop probability, in [0, 1), "
+                             f"got {self.drop_path_rate}")
+        object.__setattr__(self, "plain", self.drop_path_rate == 0.0)
+        for name in ("vit_layers", "vit_width", "vit_heads", "vit_patch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.vit_width % self.vit_heads:
+            raise ValueError(f"--vit-width must be divisible by --vit-heads, got {self.vit_width} and {self.vit_heads}")
+        side = self.image_size or IMAGE_SIZES[self.dataset]
+        if side % self.vit_patch:
+            raise ValueError(f"--vit-patch must divide the images' side ({side} pixels"
+                             f"{'' if self.image_size else ', see --image-size'}), got {self.vit_patch}")
+        if self.vit_layers == 1 and not self.plain:
+            raise ValueError("--vit-layers 1 has no block that drops: the rates rise from 0 at the first block "
+                             "(timm's rule); give more layers or --plain")
+        # timm's rule gives the ResNet options no meaning: refuse the values that would ask for something else.
+        if self.survival_rule != "linear":
+            raise ValueError(f"--survival-rule {self.survival_rule} is the ResNet's; a ViT's drop rates rise "
+                             "linearly from 0 at the first block to --drop-path-rate at the last (timm's rule)")
+        if self.shortcut != "A":
+            raise ValueError(f"--shortcut {self.shortcut} is the ResNet's; a ViT has identity shortcuts")
 
     @classmethod
     def from_dict(cls, stored: Mapping[str, Any]) -> Recipe:
@@ -230,7 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad value, naming it.
     """
     parser = argparse.ArgumentParser(
-        description="Train a ResNet with stochastic depth (or without) with the paper's recipe.",
+        description="Train a ResNet with stochastic depth (or without) with the paper's recipe, or a small ViT.",
         formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
@@ -248,18 +329,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "antialiased) before anything else, e.g. 16 for a cheaper Fashion-MNIST run; a multiple of 4 for the "
                       "CIFAR networks with option A shortcuts, whose stages halve it twice (default: as stored)")
     model = parser.add_argument_group("model")
-    model.add_argument("--depth", type=int, default=_DEFAULTS["depth"], help="6n+2; default 110 (SVHN: 152)")
-    model.add_argument("--shortcut", choices=CHOICES["shortcut"], default=_DEFAULTS["shortcut"])
+    model.add_argument("--model", choices=CHOICES["model"], default=_DEFAULTS["model"],
+                       help="'resnet': the paper's CIFAR ResNet (--depth, --p-last); 'vit': a timm VisionTransformer "
+                       "(--vit-layers, --vit-width, --vit-heads, --vit-patch, --drop-path-rate)")
+    model.add_argument("--depth", type=int, default=_DEFAULTS["depth"], help="ResNet: 6n+2; default 110 (SVHN: 152)")
+    model.add_argument("--shortcut", choices=CHOICES["shortcut"], default=_DEFAULTS["shortcut"], help="ResNet")
     model.add_argument("--p-last", type=float, default=_DEFAULTS["p_last"],
-                       help="survival probability of the last block; 1 = plain")
+                       help="ResNet: survival probability of the last block; 1 = plain (default 0.5)")
     model.add_argument("--plain", action="store_true", default=_DEFAULTS["plain"],
-                       help="train the plain ResNet (same as --p-last 1)")
-    model.add_argument("--survival-rule", choices=CHOICES["survival_rule"], default=_DEFAULTS["survival_rule"])
+                       help="train the plain network: no drops (same as --p-last 1, a ViT's --drop-path-rate 0)")
+    model.add_argument("--survival-rule", choices=CHOICES["survival_rule"], default=_DEFAULTS["survival_rule"],
+                       help="ResNet: how p_l falls from block to block")
+    model.add_argument("--vit-layers", type=int, default=_DEFAULTS["vit_layers"],
+                       help=f"ViT: transformer blocks (default {VIT_DEFAULTS['vit_layers']})")
+    model.add_argument("--vit-width", type=int, default=_DEFAULTS["vit_width"],
+                       help=f"ViT: embedding width, a multiple of --vit-heads; the MLPs are 4 times wider (default "
+                       f"{VIT_DEFAULTS['vit_width']})")
+    model.add_argument("--vit-heads", type=int, default=_DEFAULTS["vit_heads"],
+                       help=f"ViT: attention heads (default {VIT_DEFAULTS['vit_heads']})")
+    model.add_argument("--vit-patch", type=int, default=_DEFAULTS["vit_patch"],
+                       help=f"ViT: side of the square patches in pixels, which must divide the images' side (after "
+                       f"--image-size) (default {VIT_DEFAULTS['vit_patch']})")
+    model.add_argument("--drop-path-rate", type=float, default=_DEFAULTS["drop_path_rate"],
+                       help="ViT: drop probability of the last block's two branches; timm's rule makes it rise "
+                       "linearly from 0 at the first block; dropped samples skip the branch (row_subset: the k of B "
+                       "samples that keep it scaled by B/k, about 1/(1-p), in training, as timm's DropPath). 0 = plain "
+                       f"(default {VIT_DEFAULTS['drop_path_rate']}, DeiT-Tiny's)")
     model.add_argument("--drop-schedule", choices=CHOICES["drop_schedule"], default=_DEFAULTS["drop_schedule"],
-                       help="when blocks are dropped: 'constant', at the rates of --p-last throughout (the paper); "
-                       "'early', at those rates for the first --drop-switch of the optimizer steps, then never; 'late', "
-                       "never before, then at those rates (Liu et al., 2023). Evaluation scales each residual by the "
-                       "survival probability in force at the last step: after 'early', every block at full strength")
+                       help="when blocks are dropped: 'constant', at the rates of --p-last (a ViT: --drop-path-rate) "
+                       "throughout (the paper); 'early', at those rates for the first --drop-switch of the optimizer "
+                       "steps, then never; 'late', never before, then at those rates (Liu et al., 2023). Evaluation "
+                       "scales each residual by the survival probability in force at the last step (a ViT's gates "
+                       "scale in training instead): after 'early', every block at full strength")
     model.add_argument("--drop-switch", type=float, default=_DEFAULTS["drop_switch"],
                        help="fraction of the run's optimizer steps after which an 'early' schedule stops dropping and "
                        "a 'late' one starts: step floor(f * epochs * steps per epoch), whatever --max-steps stops at; "
@@ -267,12 +368,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="default 500 (SVHN: 50)")
     optim.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="of all processes together")
-    optim.add_argument("--lr", type=float, default=_DEFAULTS["lr"])
-    optim.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"])
-    optim.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"])
-    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_DEFAULTS["nesterov"])
+    optim.add_argument("--lr", type=float, default=_DEFAULTS["lr"], help="the peak lr (a ViT with AdamW: e.g. 1e-3)")
+    optim.add_argument("--optimizer", choices=CHOICES["optimizer"], default=_DEFAULTS["optimizer"],
+                       help="'sgd': the paper's (--momentum, Nesterov), weight decay on every parameter; 'adamw': "
+                       "torch's AdamW (betas 0.9, 0.999) through timm's create_optimizer_v2, as DeiT: no weight "
+                       "decay on biases, norms, the position embedding and the class token")
+    optim.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"], help="SGD")
+    optim.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"],
+                       help="SGD: L2 (the paper's 1e-4); AdamW: decoupled (DeiT's 0.05)")
+    optim.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_DEFAULTS["nesterov"],
+                       help="SGD")
+    optim.add_argument("--lr-schedule", choices=CHOICES["lr_schedule"], default=_DEFAULTS["lr_schedule"],
+                       help="'step': lr /= 10 after each of --lr-milestones (the paper); 'cosine': from --lr down to 0 "
+                       "over the run (torch's CosineAnnealingLR), per --schedule-unit")
     optim.add_argument("--lr-milestones", type=float, nargs="+", default=_DEFAULTS["lr_milestones"],
-                       help="fractions of the run (see --schedule-unit) after which lr /= 10")
+                       help="fractions of the run (see --schedule-unit) after which lr /= 10 (--lr-schedule step)")
     optim.add_argument("--schedule-unit", choices=CHOICES["schedule_unit"], default=_DEFAULTS["schedule_unit"],
                        help="'epoch': lr drops after floor(f * epochs) epochs (the paper); 'step': after "
                        "floor(f * total steps) optimizer steps, for runs of a fixed number of steps or under one epoch")
@@ -381,35 +491,84 @@ def _all_reduce_sum(tensor: Tensor, processes: Processes) -> Tensor:
 # ----------------------------------------------------------------------------------
 
 
-def build_model(recipe: Recipe, in_channels: int, num_classes: int) -> ResNet:
-    """The CIFAR ResNet of ``recipe.depth`` for (N, `in_channels`, H, W) images, `num_classes` logits.
+def build_model(recipe: Recipe, in_channels: int, num_classes: int) -> nn.Module:
+    """The recipe's network for (N, `in_channels`, H, W) images, `num_classes` logits.
 
-    A ``StochasticResNet`` unless ``recipe.plain``; the same initial weights for the same
-    ``recipe.seed``, plain or not (``training.build_resnet``, which seeds torch's global RNG).
-    `recipe` may also be :func:`parse_args`' namespace, which has the same attributes.
+    ``model="resnet"``: the CIFAR ResNet of ``recipe.depth``, a ``StochasticResNet`` unless
+    ``recipe.plain`` (``training.build_resnet``). ``model="vit"``: :func:`build_vit`. Either
+    way the same initial weights for the same ``recipe.seed``, plain or not (torch's global RNG
+    is seeded with it). `recipe` may also be :func:`parse_args`' namespace, which has the same
+    attributes.
     """
+    if recipe.model == "vit":
+        return build_vit(recipe, in_channels, num_classes)
     stochastic = None if recipe.plain else dict(p_last=recipe.p_last, survival_rule=recipe.survival_rule, seed=recipe.seed)
     return build_resnet("cifar", recipe.depth, seed=recipe.seed, stochastic=stochastic,
                         in_channels=in_channels, num_classes=num_classes, shortcut=recipe.shortcut)  # fmt: skip
 
 
+def build_vit(recipe: Recipe, in_channels: int, num_classes: int) -> nn.Module:
+    """timm's ``VisionTransformer`` of the recipe's shape, with stochastic-depth gates unless ``recipe.plain``.
+
+    Images of ``recipe.image_size`` (else the dataset's :data:`IMAGE_SIZES`) pixels a side, cut
+    into ``vit_patch``-pixel patches, plus a class token; ``vit_layers`` pre-norm blocks of
+    width ``vit_width``, ``vit_heads`` heads and MLPs 4 times wider; the class token's
+    features classify. timm's ``drop_path_rate`` rule gives block l of L (0-based) the drop
+    probability ``drop_path_rate * l / (L - 1)`` on both branches, and ``add_stochastic_depth``
+    keeps those rates, per sample (``"row_subset"``: a dropped sample's branch is not computed)
+    and inverted (kept branches scaled by ``B / k`` in training, none at test time), as timm's
+    ``DropPath`` but without computing the dropped rows. Needs timm.
+    """
+    from timm.models.vision_transformer import VisionTransformer  # timm is needed for the ViT only
+
+    torch.manual_seed(recipe.seed)  # the weights; drop_path_rate draws nothing, so plain and stochastic start alike
+    model = VisionTransformer(
+        img_size=recipe.image_size or IMAGE_SIZES[recipe.dataset], patch_size=recipe.vit_patch, in_chans=in_channels,
+        num_classes=num_classes, embed_dim=recipe.vit_width, depth=recipe.vit_layers, num_heads=recipe.vit_heads,
+        mlp_ratio=4.0, drop_path_rate=recipe.drop_path_rate,
+    )  # fmt: skip
+    # The plain ViT stays unconverted (timm puts nn.Identity where the rate is 0), as the plain ResNet is a
+    # ResNet without gates: its step is the unmodified network's, so the step-time ratios of the stochastic
+    # arms count what their gates cost as well as what they skip (add_stochastic_depth would also warn that
+    # gates at rate 0 never drop).
+    if not recipe.plain:
+        add_stochastic_depth(model, seed=recipe.seed)
+    return model
+
+
 def make_optimizer(
     model: nn.Module, recipe: Recipe, steps_per_epoch: int = 1
-) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
-    """The recipe's SGD (Nesterov, no dampening) and its lr schedule.
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The recipe's optimizer and its lr schedule.
 
-    The schedule is stepped once per epoch, or once per optimizer step with
-    ``--schedule-unit step`` (its milestones are then in steps of the
+    ``--optimizer sgd``: SGD (Nesterov, no dampening), weight decay on every parameter, as the
+    paper. ``adamw``: torch's AdamW from ``timm.optim.create_optimizer_v2``, in two parameter
+    groups: weight decay on the weight matrices and convolution kernels, none on biases, norms
+    and what the model's ``no_weight_decay()`` names (a ViT's position embedding and class
+    token), as DeiT.
+
+    The schedule (``--lr-schedule step``: ``MultiStepLR``; ``cosine``: ``CosineAnnealingLR`` to 0
+    at the end of the run) is stepped once per epoch, or once per optimizer step with
+    ``--schedule-unit step`` (its milestones and length are then in steps of the
     ``epochs * steps_per_epoch`` of the run). The warm-up is not part of it (see :func:`warmup_lr`).
     `recipe` may also be :func:`parse_args`' namespace.
     """
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, dampening=0.0,
-        weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
-    )  # fmt: skip
+    if recipe.optimizer == "adamw":
+        from timm.optim import create_optimizer_v2  # timm is needed for AdamW only
+
+        optimizer = create_optimizer_v2(model, "adamw", lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=recipe.lr, momentum=recipe.momentum, dampening=0.0,
+            weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
+        )  # fmt: skip
+    length = recipe.epochs * (steps_per_epoch if recipe.schedule_unit == "step" else 1)
+    if recipe.lr_schedule == "cosine":
+        # Stepped `length` times, it reaches eta_min at the end of the run; the warm-up overrides its first
+        # values (timm's schedulers too start the cosine at step 0, under the warm-up, by default).
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=length, eta_min=0.0)
     # lr /= 10 after floor(f * epochs) epochs: the paper's "after epochs 250 and 375" of 500, and the
     # official code's rule (epoch < f * epochs keeps the higher rate) where f * epochs is not whole.
-    length = recipe.epochs * (steps_per_epoch if recipe.schedule_unit == "step" else 1)
     milestones = [math.floor(f * length) for f in recipe.lr_milestones]
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
@@ -527,7 +686,8 @@ def evaluate(
 
 def _share_batchnorm_statistics(model: nn.Module, processes: Processes) -> None:
     """Give every process rank 0's BatchNorm statistics: each process updated its own on its
-    share of the batches, and rank 0's are the ones evaluated everywhere and checkpointed."""
+    share of the batches, and rank 0's are the ones evaluated everywhere and checkpointed. (A ViT
+    has LayerNorms and no buffers: nothing to send.)"""
     if processes.distributed:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
@@ -555,7 +715,8 @@ class EpochProgress:
     images_seen : int
         Training images seen, kept on the host: a tensor made from it on a GPU would wait.
     active_blocks : float
-        Sum over the steps of the number of residual blocks that ran (stochastic depth only).
+        Sum over the steps of the number of residual blocks that ran (stochastic depth only; per
+        sample in the row modes, see :meth:`Training.active_blocks`).
     seconds : float
         Training time of the steps so far (wall clock, device synchronised).
     """
@@ -731,17 +892,29 @@ def load_data(recipe: Recipe, args: argparse.Namespace, processes: Processes) ->
 class Training:
     """What the optimizer steps use and change."""
 
-    model: ResNet
+    model: nn.Module  # a ResNet, StochasticResNet or timm VisionTransformer (converted or not)
     network: nn.Module  # what the steps call: `model`, or its DistributedDataParallel wrapper
-    optimizer: torch.optim.SGD
-    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    optimizer: torch.optim.Optimizer  # SGD or AdamW
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # MultiStepLR or CosineAnnealingLR
     autocast: Any  # context manager of --amp
     scaler: torch.amp.GradScaler
     set_to_none: bool  # zero_grad's, for --dropped-update
+    gates: list[StochasticDepth] = field(default_factory=list)  # the model's, in block order; none if plain
 
     @property
     def stochastic(self) -> bool:
-        return isinstance(self.model, StochasticResNet)
+        return bool(self.gates)
+
+    def active_blocks(self) -> float:
+        """Blocks the last training pass computed, per sample: each gate counts the share of the batch that
+        kept its branch, over the gates per block (a ViT block has two). A ResNet's count of blocks run."""
+        kept = self.last_active().reshape(len(self.gates), -1).float().mean(1).sum().item()  # on the CPU: no sync
+        return kept * len(self.model.blocks) / len(self.gates)
+
+    def last_active(self) -> Tensor:
+        """What each gate kept in the last training pass: (gates,) bool in batch mode (a ResNet's
+        ``active_blocks``), (gates, batch) in the row modes (a ViT's two gates per block)."""
+        return torch.stack([gate.last_active for gate in self.gates])
 
 
 def build_training(recipe: Recipe, args: argparse.Namespace, processes: Processes, data: Data) -> Training:
@@ -751,16 +924,19 @@ def build_training(recipe: Recipe, args: argparse.Namespace, processes: Processe
     if data.preprocess.channels_last:
         model = model.to(memory_format=torch.channels_last)
     network: nn.Module = model
+    gates = stochastic_depth_gates(model)
     if processes.distributed:
-        # Dropped blocks produce no gradient: DDP must look for unused parameters each step.
+        # A block dropped for the whole batch produces no gradient: DDP must then look for unused parameters
+        # each step. In "row_subset" mode every branch runs on at least one sample (round(B p), at least 1 for
+        # p > 0), so a ViT's parameters all get gradients and DDP can skip the search.
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=isinstance(model, StochasticResNet),
+            find_unused_parameters=any(gate.mode != "row_subset" or gate.survival_prob == 0.0 for gate in gates),
         )  # fmt: skip
     optimizer, scheduler = make_optimizer(model, recipe, data.steps_per_epoch)
     autocast, scaler = mixed_precision(args.amp, device)
     set_to_none = prepare_gradients(model, recipe.dropped_update)
-    return Training(model, network, optimizer, scheduler, autocast, scaler, set_to_none)
+    return Training(model, network, optimizer, scheduler, autocast, scaler, set_to_none, gates)
 
 
 def save_checkpoint(
@@ -806,7 +982,7 @@ def restore_checkpoint(
 def main(argv: list[str] | None = None, *, record_drops: bool = False) -> RunResult:
     """Run ``train.py`` with the command-line arguments `argv` (default: ``sys.argv``).
 
-    `record_drops` keeps each step's ``active_blocks`` in the result (for tests).
+    `record_drops` keeps what each step's gates kept (``Training.last_active``) in the result (for tests).
     """
     args = parse_args(argv)
     recipe = Recipe.from_dict(vars(args))
@@ -826,7 +1002,7 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
     across processes, evaluation and the epoch's record (:func:`end_epoch`), the lr schedule's
     epoch step, then a checkpoint and the metrics files. A run stopped inside an epoch saves the
     epoch's progress with its checkpoint and resumes it exactly. `record_drops` keeps each
-    step's ``active_blocks`` in the result.
+    step's ``Training.last_active()`` in the result.
 
     Raises FileExistsError, FileNotFoundError or ValueError (see :func:`checkpoint_to_resume`
     and :func:`load_data`), and FloatingPointError at a non-finite training loss.
@@ -890,8 +1066,15 @@ def train(recipe: Recipe, args: argparse.Namespace, processes: Processes, *, rec
 
 
 def start_up_line(recipe: Recipe, parameters: int, processes: Processes, steps_per_epoch: int, stop_at: int) -> str:
-    """What train.py prints first: the data, the model, the drops (with a schedule's switch step) and the processes."""
-    model_text = "plain" if recipe.plain else f"stochastic depth p_L={recipe.p_last}"
+    """What train.py prints first: the data, the model, the drops (with a schedule's switch step), the optimiser
+    where it is not the paper's, and the processes."""
+    if recipe.model == "vit":
+        network = (f"ViT of {recipe.vit_layers} blocks, width {recipe.vit_width}, {recipe.vit_heads} heads, "
+                   f"{recipe.vit_patch}x{recipe.vit_patch} patches")  # fmt: skip
+        model_text = "plain" if recipe.plain else f"stochastic depth drop_path_rate={recipe.drop_path_rate}, row_subset"
+    else:
+        network = f"ResNet-{recipe.depth}"
+        model_text = "plain" if recipe.plain else f"stochastic depth p_L={recipe.p_last}"
     total_steps = recipe.epochs * steps_per_epoch
     notes = ""
     if recipe.drop_schedule != "constant" and not recipe.plain:
@@ -902,7 +1085,9 @@ def start_up_line(recipe: Recipe, parameters: int, processes: Processes, steps_p
             never = "drops throughout" if recipe.drop_schedule == "early" else "drops nothing"
             notes = (f"\ntrain.py: note: --max-steps stops at step {stop_at:,}, before the switch at step {switch:,}: "
                      f"this run {never}")
-    return (f"train.py: {recipe.dataset}, ResNet-{recipe.depth} ({parameters:,} parameters), {model_text}, "
+    if (recipe.optimizer, recipe.lr_schedule) != ("sgd", "step"):
+        model_text += f", {recipe.optimizer} lr {recipe.lr:g} wd {recipe.weight_decay:g}, {recipe.lr_schedule} schedule"
+    return (f"train.py: {recipe.dataset}, {network} ({parameters:,} parameters), {model_text}, "
             f"{processes.world_size} process(es) on {processes.device}, {steps_per_epoch} steps per epoch, "
             f"{recipe.epochs} epochs{notes}")
 
@@ -915,7 +1100,8 @@ def train_epoch(
 
     Every ``--log-every`` steps and at the last one, the losses since the previous check are
     averaged over the processes, checked and shown on `bar`. `drops`, if a list, gets each
-    step's (blocks,) bool ``active_blocks``. Raises FloatingPointError naming the first step
+    step's ``Training.last_active()``: (blocks,) bool for a ResNet, (2 * blocks, batch) for a ViT (its
+    attention and MLP gates, per sample). Raises FloatingPointError naming the first step
     whose loss is not finite.
     """
     model, epoch = training.model, steps.start // data.steps_per_epoch
@@ -925,7 +1111,7 @@ def train_epoch(
     start = time.perf_counter()
     for step in steps:
         images, labels = data.next_share(step, processes)
-        if training.stochastic:  # every process drops the same blocks at this step, by construction
+        if training.stochastic:  # draws keyed by the step: the same blocks in every process (a ViT: each its samples)
             set_step(model, step)
             if recipe.drop_schedule != "constant":
                 stochastic_depth_state(model).drop_scale = drop_scale(recipe, step, recipe.epochs * data.steps_per_epoch)
@@ -940,9 +1126,9 @@ def train_epoch(
         progress.images_seen += len(labels)
         pending.append(loss.detach().float())
         if training.stochastic:
-            progress.active_blocks += model.active_blocks.sum().item()
+            progress.active_blocks += training.active_blocks()
             if drops is not None:
-                drops.append(model.active_blocks.clone())
+                drops.append(training.last_active())
         if len(pending) == args.log_every or step == steps[-1]:
             losses = _all_reduce_sum(torch.stack(pending), processes) / processes.world_size
             bad = (~torch.isfinite(losses)).nonzero()
