@@ -182,8 +182,9 @@ def block_conversions(model: nn.Module) -> list[BlockConversion]:
                 f" It is not converted because {why}; convert the model without its drop paths (build it with "
                 "drop_path_rate=0) or train it with transformers' own masking drop path." if why else
                 f" {type(module).__name__} is not one of the transformers layers add_stochastic_depth knows (each needs "
-                f"its forward written with gates); supported transformers layers: "
-                f"{', '.join(f.rpartition('.')[2] for f in FAMILIES)}."
+                f"its forward written with gates; supported: {', '.join(f.rpartition('.')[2] for f in FAMILIES)}): "
+                "build the model with drop_path_rate=0 to convert the rest, or train it with transformers' own "
+                "masking drop path."
             )
         else:
             hint = f" Supported blocks: {', '.join(supported_blocks())}"

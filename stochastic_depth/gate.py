@@ -352,8 +352,8 @@ class StochasticDepth(RegionHolder):
         What the last forward pass computed: a bool scalar (``"batch"``) or one
         bool per sample (row modes); all True in evaluation, except for ``p = 0``.
     kept_rows : Tensor or None
-        While a row mode runs a whole layer (``shortcut=None``) on some samples, their
-        indices, for the layer's other inputs with a batch dimension; None otherwise.
+        While a row mode runs the branch on some of the samples, their indices (see
+        :meth:`kept_inputs`); None otherwise.
     """
 
     def __init__(
@@ -377,7 +377,7 @@ class StochasticDepth(RegionHolder):
         self.step: tuple[int, ...] | None = None
         self.passes = 0
         self._last_active: bool | Tensor | None = None
-        # While a row mode runs a whole layer on some samples: their indices (see _train).
+        # While a row mode runs the branch on some samples: their indices (see kept_inputs).
         self.kept_rows: Tensor | None = None
         # The keys of the latest passes by their tags (see _pass_tag), for recomputations.
         self._recent: collections.OrderedDict[int, tuple[int, tuple[int, ...] | None]] = collections.OrderedDict()
@@ -457,12 +457,17 @@ class StochasticDepth(RegionHolder):
             residual = self.run_region(branch, x)
             return residual if layer else _in_layout_of(shortcut.add(residual, alpha=scale), residual)
         kept = _indices_to(kept, x.device)
-        if layer:  # (a layer's rows are samples of (B, tokens, C): no memory layout to keep)
-            self.kept_rows = kept  # for the layer's other inputs with a batch dimension (an attention mask)
-            try:
-                residual = self.run_region(branch, mark_batch_dynamic(x.index_select(0, kept)))
-            finally:
-                self.kept_rows = None
+        self.kept_rows = kept  # for the branch's other inputs with a batch dimension (an attention mask)
+        try:
+            return self._run_on_rows(branch, x, shortcut, kept, scale)
+        finally:
+            self.kept_rows = None
+
+    def _run_on_rows(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None, kept: Tensor,
+                     scale: float) -> Tensor:
+        """The branch on the samples `kept` (fewer than the batch), added into (or, for a layer, copied over) the rest."""
+        if shortcut is None:  # (a layer's rows are samples of (B, tokens, C): no memory layout to keep)
+            residual = self.run_region(branch, mark_batch_dynamic(x.index_select(0, kept)))
             return x.index_copy(0, kept, residual.to(x.dtype))  # (its backward saves only the indices)
         # A channels_last input is gathered and scattered as (N, H, W, C) views, in which it is
         # plainly contiguous; the branch still sees (N, C, H, W).
@@ -474,6 +479,7 @@ class StochasticDepth(RegionHolder):
         else:
             # BatchNorm cannot normalise one sample on 1x1 feature maps: for this rare
             # case the branch runs on the whole batch and we keep the one row.
+            self.kept_rows = None  # (the branch sees the whole batch)
             residual = self.run_region(branch, x).index_select(0, kept)
         residual_rows = residual.permute(0, 2, 3, 1) if nhwc else residual
         out = add_rows(shortcut_rows, kept, residual_rows.to(shortcut.dtype), scale)
@@ -508,6 +514,20 @@ class StochasticDepth(RegionHolder):
         step = () if step is None else step
         p = _warmed_up(self.survival_prob, self._drop_scale)
         return draw_decision(self.mode, p, x.shape[0], key_seed(len(step), *key, *step)), recomputed
+
+    def kept_inputs(self, values: tuple | dict, batch_size: int) -> tuple | dict:
+        """A branch's other inputs (a tuple or dict), each tensor whose first dimension is `batch_size`
+        (a per-sample attention mask) cut to the samples the branch runs on: what a branch that
+        takes more than ``x`` calls while a row mode runs it on some samples (unchanged otherwise)."""
+        rows = self.kept_rows
+        if rows is None or batch_size < 2:
+            return values
+
+        def cut(value: Any) -> Any:
+            is_batch = isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch_size
+            return value.index_select(0, rows) if is_batch else value
+
+        return {k: cut(v) for k, v in values.items()} if isinstance(values, dict) else tuple(cut(v) for v in values)
 
     def _train_scale(self, inclusion: float) -> float:
         """The factor of a kept residual while training, so that its expectation is ``p * residual``.
@@ -553,8 +573,8 @@ def _indices_to(indices: Tensor, device: torch.device) -> Tensor:
 
 # The eager training pass's helpers: called from eager code under torch.compile(model), each
 # would be compiled as a frame of its own (and again for every shape); only the regions are.
-for _helper in (StochasticDepth.forward, StochasticDepth._evaluate, StochasticDepth._train_scale, _warmed_up,
-                _channels_last, _in_layout_of, _indices_to):
+for _helper in (StochasticDepth.forward, StochasticDepth._evaluate, StochasticDepth._run_on_rows,
+                StochasticDepth._train_scale, _warmed_up, _channels_last, _in_layout_of, _indices_to):
     not_a_frame(_helper)
 
 

@@ -18,8 +18,8 @@ shape                          transformers layers                              
 :class:`Dinov2Shape`           ``Dinov2Layer``, ``Dinov2WithRegistersLayer``,          ``drop_path1``,
                                ``DINOv3ViTLayer``, ``EomtLayer`` (layer scales)        ``drop_path2``
 :class:`PixioShape`            ``PixioLayer``                                          same
-:class:`SegformerShape`        ``SegformerLayer``, ``GLPNLayer``                       same
-:class:`PvtV2Shape`            ``PvtV2BlockLayer``                                     same
+:class:`SegformerShape`        ``SegformerLayer``                                      same
+:class:`PvtV2Shape`            ``PvtV2BlockLayer``, ``GLPNLayer``                      same
 :class:`BeitShape`             ``BeitLayer`` (relative position bias in the mask)      same
 :class:`Data2VecShape`         ``Data2VecVisionLayer``                                 same
 :class:`SwinShape`             ``SwinLayer``: the attention branch only, as            ``drop_path``
@@ -156,8 +156,12 @@ class PreNormShape(HuggingFaceLayer):
     def gated_branches(self, hidden_states: Tensor, args: tuple, kwargs: dict[str, Any], recorded: list[tuple]) -> Tensor:
         """Both branches through their gates; the attention branch's other outputs go to `recorded`."""
 
+        batch, gate1 = hidden_states.shape[0], self.drop_path1
+
         def attention(x: Tensor) -> Tensor:
-            outputs = getattr(self, self.ATTENTION)(getattr(self, self.NORMS[0])(x), *args, **kwargs)
+            # (in a row mode x holds the kept samples: so must a per-sample attention mask, EoMT's)
+            outputs = getattr(self, self.ATTENTION)(getattr(self, self.NORMS[0])(x), *gate1.kept_inputs(args, batch),
+                                                    **gate1.kept_inputs(kwargs, batch))  # fmt: skip
             recorded.append(_rest(outputs))
             return self._after(_first(outputs), 0)
 
@@ -392,13 +396,13 @@ class PixioShape(PreNormShape):
 
 
 class SegformerShape(PreNormShape):
-    """Segformer's layer (and GLPN's): dropout after the attention, ``height, width`` to both branches."""
+    """Segformer's layer: dropout after the attention, ``height, width`` to both branches."""
 
     NORMS, DROPOUTS, MLP_ARGS = ("layernorm_before", "layernorm_after"), ("hidden_dropout", None), 2
 
 
 class PvtV2Shape(PreNormShape):
-    """PVTv2's layer: ``layer_norm_1``/``layer_norm_2``, ``height, width`` to both branches, a tuple out."""
+    """PVTv2's layer (and GLPN's): ``layer_norm_1``/``layer_norm_2``, ``height, width`` to both branches, a tuple out."""
 
     NORMS, MLP_ARGS = ("layer_norm_1", "layer_norm_2"), 2
 
@@ -426,7 +430,7 @@ FAMILIES: dict[str, type[HuggingFaceLayer]] = {
     "convnextv2.modeling_convnextv2.ConvNextV2Layer": ConvNextShape,
     "dinov3_convnext.modeling_dinov3_convnext.DINOv3ConvNextLayer": DINOv3ConvNextShape,
     "segformer.modeling_segformer.SegformerLayer": SegformerShape,
-    "glpn.modeling_glpn.GLPNLayer": SegformerShape,
+    "glpn.modeling_glpn.GLPNLayer": PvtV2Shape,
     "pvt_v2.modeling_pvt_v2.PvtV2BlockLayer": PvtV2Shape,
 }
 

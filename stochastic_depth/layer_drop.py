@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from stochastic_depth.compilation import not_a_frame
 from stochastic_depth.gate import StochasticDepth
 from stochastic_depth.library_blocks import GatedBlock
 
@@ -118,6 +117,16 @@ def _draws_layer_drop(cls: type) -> bool:
         return False
 
 
+def _rate_is_zero(stack: nn.Module) -> bool:
+    """Whether a stack's LayerDrop rate, read where transformers' stacks keep it (``layerdrop`` on the
+    stack, or on its config), is 0."""
+    for owner in (stack, getattr(stack, "config", None)):
+        rate = getattr(owner, "layerdrop", None)
+        if isinstance(rate, (int, float)):
+            return rate == 0
+    return False
+
+
 class LayerDropLayer(GatedBlock):
     """A transformers layer that its gate, ``layerdrop``, skips whole (LayerDrop).
 
@@ -136,11 +145,9 @@ class LayerDropLayer(GatedBlock):
         others: list[tuple] = []
 
         def layer(x: Tensor) -> Tensor:
-            rows = self.layerdrop.kept_rows  # (row modes: the samples x holds)
-            if rows is None:
-                out = self.LAYER_CLASS.forward(self, x, *args, **kwargs)
-            else:
-                out = self.LAYER_CLASS.forward(self, x, *_rows(args, rows, hidden_states), **_rows(kwargs, rows, hidden_states))
+            batch = hidden_states.shape[0]  # (row modes: x holds the kept samples; so must an attention mask)
+            gate = self.layerdrop
+            out = self.LAYER_CLASS.forward(self, x, *gate.kept_inputs(args, batch), **gate.kept_inputs(kwargs, batch))
             if isinstance(out, tuple):
                 others.append(out[1:])
                 return out[0]
@@ -156,20 +163,6 @@ class LayerDropLayer(GatedBlock):
         if not self.PASSES_THROUGH:
             return hidden_states
         return (hidden_states, *(others[0] if others else (kwargs.get(name) for name in self.PASSES_THROUGH)))
-
-
-@not_a_frame
-def _rows(values: Any, rows: Tensor, hidden_states: Tensor) -> Any:
-    """`values` (a tuple or dict of a layer's arguments) with every tensor that has the hidden states'
-    batch size in its first dimension (an attention mask) cut to the samples `rows`."""
-    batch = hidden_states.shape[0]
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
-            return value.index_select(0, rows)
-        return value
-
-    return {k: cut(v) for k, v in values.items()} if isinstance(values, dict) else tuple(cut(v) for v in values)
 
 
 _MADE: dict[type[nn.Module], type[LayerDropLayer]] = {}
@@ -220,8 +213,8 @@ def layer_drop_stacks(model: nn.Module) -> list[StackConversion]:
             continue
         description = STACKS.get(_family_name(type(module)))
         if description is None:
-            if not _draws_layer_drop(type(module)):
-                continue
+            if not _draws_layer_drop(type(module)) or _rate_is_zero(module):
+                continue  # (a stack whose LayerDrop rate is 0 draws nothing: nothing to convert)
             why = REFUSED_STACKS.get(type(module).__name__)
             raise TypeError(
                 f"{name or type(model).__name__} ({type(module).__name__}) draws LayerDrop, and add_stochastic_depth "
