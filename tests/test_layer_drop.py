@@ -212,3 +212,32 @@ def test_an_adapter_stack_is_refused_naming_it_and_why_and_nothing_changes():
         add_stochastic_depth(model)
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert model.wav2vec2.encoder.config is model.config
+
+
+def test_keep_blocks_removes_whole_layers_as_layerdrop_would_at_test_time():
+    from stochastic_depth.evaluation_network import depth_units, keep_blocks
+
+    unconverted = build("BART").eval()
+    model = add_stochastic_depth(copy.deepcopy(unconverted), seed=0).eval()
+    x = inputs("BART")
+    units = depth_units(model)
+    assert len(units) == 8  # 4 encoder and 4 decoder layers
+    with torch.no_grad():
+        evaluation = model(**x).logits
+        with keep_blocks(model, range(8)):
+            assert torch.equal(model(**x).logits, evaluation)
+        removed = [3, 7]  # the last encoder and the last decoder layer
+        ran = []
+        hooks = [units[i][0][0].self_attn.register_forward_hook(lambda m, a, o: ran.append(m)) for i in removed]
+        with keep_blocks(model, [i for i in range(8) if i not in removed]):
+            out = model(**x).logits
+        for h in hooks:
+            h.remove()
+        assert ran == []  # the removed layers do not run
+        # Reference: the unconverted model with those layers' outputs replaced by their inputs.
+        layers_ = [*unconverted.model.encoder.layers, *unconverted.model.decoder.layers]
+        handles = [layers_[i].register_forward_hook(lambda m, args, out: args[0]) for i in removed]
+        torch.testing.assert_close(out, unconverted(**x).logits, atol=1e-6, rtol=1e-6)
+        for h in handles:
+            h.remove()
+        assert torch.equal(model(**x).logits, evaluation)  # restored
