@@ -18,8 +18,12 @@ user's config, which ``save_pretrained`` writes as it was:
   when it is built) gets ``layerdrop = 0.0`` on the stack;
 - a stack that reads ``self.config.layerdrop`` (the wav2vec2 family) gets, as ``config``, a
   view of the model's config: the very same attributes (one ``__dict__``: a change to the
-  model's config shows there too), except the rate, which reads 0. ``copy.deepcopy`` of the
-  model copies the view as a separate config.
+  model's config shows there too), except the rate, which reads 0; a copy of the model
+  (``copy.deepcopy``, pickling) gets a view of its own config.
+
+After converting, the gates hold the rates: changing ``layerdrop`` in the config changes what
+``save_pretrained`` writes, not what the model drops (convert again, or set the gates'
+``survival_prob``).
 
 A converted layer's class has the transformers class's name (see ``stochastic_depth.hugging_face``):
 ``_no_split_modules``, FSDP auto-wrap and ``GradientCheckpointingLayer`` keep working, and a
@@ -30,6 +34,7 @@ is its input); a dropped layer records no ``attentions`` (the attention module d
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from dataclasses import dataclass
@@ -220,32 +225,40 @@ def layer_drop_stacks(model: nn.Module) -> list[StackConversion]:
                 f"{name or type(model).__name__} ({type(module).__name__}) draws LayerDrop, and add_stochastic_depth "
                 + (f"does not convert it: {why}. " if why else "does not know this stack (each needs its rate and layers "
                    f"described in stochastic_depth.layer_drop.STACKS; known: {', '.join(s.rpartition('.')[2] for s in STACKS)}). ")
-                + "Set its layerdrop to 0 in the config to train without it, or convert the model without this stack."
+                + (f"To convert the rest, turn this stack's LayerDrop off on the built model ({name}.layerdrop = 0.0, "
+                   "the attribute it reads; changing the config after building changes nothing there)."
+                   if isinstance(getattr(module, "layerdrop", None), (int, float)) else
+                   "Build the model with a LayerDrop rate of 0 for this stack to convert the rest.")
             )
         layers = getattr(module, description.layers)
-        already = [layer for layer in layers if isinstance(layer, LayerDropLayer)]
-        if already:  # converted before: the stack's own draw is off, its gates hold the rate
-            rate = 1.0 - already[-1].layerdrop.survival_prob
+        if all(isinstance(layer, LayerDropLayer) for layer in layers):  # converted before: the gates hold the rates
+            rates = [1.0 - layer.layerdrop.survival_prob for layer in layers]
         else:
             owner, attribute = (module.config, description.rate.removeprefix("config.")) if description.rate.startswith(
                 "config.") else (module, description.rate)
             rate = float(getattr(owner, attribute))
+            rates = [0.0 if i == 0 and description.first_kept else rate for i in range(len(layers))]
         made = [(layers, str(i), layer, type(layer) if isinstance(layer, LayerDropLayer) else _layer_class(layer, description))
                 for i, layer in enumerate(layers)]  # fmt: skip
-        rates = [0.0 if i == 0 and description.first_kept else rate for i in range(len(layers))]
         found.append(StackConversion(module, name, made, rates, description))
     return found
 
 
-@functools.cache
-def _view_class(config_class: type, attribute: str) -> type:
-    return type(config_class.__name__, (config_class,), {
-        attribute: property(lambda self: 0.0), "layer_drop_view": True, "__module__": __name__})  # fmt: skip
-
-
 def _without(config: Any, attribute: str) -> Any:
-    """A view of `config`: the same attributes (one ``__dict__``), except `attribute`, which reads 0."""
-    view = object.__new__(_view_class(type(config), attribute))
+    """A view of `config`: the same attributes (one ``__dict__``), except `attribute`, which reads 0.
+
+    Its class (one per view) holds `config`, so that a copy of the model (``copy.deepcopy``, pickling)
+    gets a view of the copy of the model's config, sharing its attributes as this one does.
+    """
+    view_class = type(type(config).__name__, (type(config),), {
+        attribute: property(lambda self: 0.0),
+        "layer_drop_view": True,
+        "source": config,
+        "__deepcopy__": lambda self, memo: _without(copy.deepcopy(config, memo), attribute),
+        "__reduce__": lambda self: (_without, (config, attribute)),
+        "__module__": __name__,
+    })  # fmt: skip
+    view = object.__new__(view_class)
     view.__dict__ = config.__dict__
     return view
 
@@ -271,6 +284,4 @@ def __getattr__(name: str) -> type:
         library_class = getattr(module, name, None)
         if isinstance(library_class, type) and issubclass(library_class, nn.Module):
             return _layer_class(library_class.__new__(library_class), description)
-        if isinstance(library_class, type) and name.endswith("Config"):
-            return _view_class(library_class, "layerdrop")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -208,10 +208,13 @@ def test_converting_twice_keeps_the_rates_and_the_users_config():
 def test_an_adapter_stack_is_refused_naming_it_and_why_and_nothing_changes():
     model = T.Wav2Vec2ForCTC(T.Wav2Vec2Config(**SPEECH, add_adapter=True, num_adapter_layers=2, output_hidden_size=16))
     before = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(TypeError, match=r"Wav2Vec2Adapter.*stride-2 convolutions"):
+    with pytest.raises(TypeError, match=r"Wav2Vec2Adapter.*stride-2 convolutions.*wav2vec2.adapter.layerdrop = 0.0"):
         add_stochastic_depth(model)
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert model.wav2vec2.encoder.config is model.config
+    model.wav2vec2.adapter.layerdrop = 0.0  # what the error says: the rest converts
+    add_stochastic_depth(model, seed=0)
+    assert len(stochastic_depth_gates(model)) == 4
 
 
 def test_keep_blocks_removes_whole_layers_as_layerdrop_would_at_test_time():
@@ -241,3 +244,24 @@ def test_keep_blocks_removes_whole_layers_as_layerdrop_would_at_test_time():
         for h in handles:
             h.remove()
         assert torch.equal(model(**x).logits, evaluation)  # restored
+
+
+def test_a_copy_or_a_pickle_of_the_model_keeps_its_encoder_following_its_own_config():
+    import pickle
+
+    # (Data2Vec-Audio for pickling: wav2vec2's weight-normed convolution pickles through its state_dict only)
+    model = add_stochastic_depth(T.Data2VecAudioForCTC(T.Data2VecAudioConfig(**SPEECH)), seed=0)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        encoder_config = copied.data2vec_audio.encoder.config
+        assert encoder_config.layerdrop == 0.0 and copied.config.layerdrop == RATE
+        copied.set_attn_implementation("eager")  # changes the model's config: the encoder's must follow
+        assert encoder_config._attn_implementation == "eager"
+        assert model.data2vec_audio.encoder.config._attn_implementation != "eager"  # the original is not the copy's
+
+
+def test_converting_again_keeps_each_layers_rate():
+    model = add_stochastic_depth(build("BART"), "linear", 0.5, seed=0)
+    rates = [g.survival_prob for g in stochastic_depth_gates(model)]
+    assert len(set(rates)) == 8
+    add_stochastic_depth(model, seed=0)
+    assert [g.survival_prob for g in stochastic_depth_gates(model)] == rates
