@@ -279,6 +279,8 @@ def __getattr__(name: str) -> type:
     # they are made again from transformers on loading.
     import importlib  # (only here: importing this module does not import transformers)
 
+    if name.startswith("_"):  # (Python's own probes, __path__ and the like: no class of transformers)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     for family, description in STACKS.items():
         module = importlib.import_module(f"transformers.models.{family.rpartition('.')[0]}")
         library_class = getattr(module, name, None)
