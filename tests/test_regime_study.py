@@ -8,11 +8,13 @@ import scipy.stats
 import torch
 from test_compare_runs import write_run
 from test_train import cifar_argv, fake_cifar  # noqa: F401  (the fixture)
+from test_train_vit import vit_argv
 
 import regime_study
 import run_statistics
 import train
-from resnet_with_stochastic_depth import stochastic_depth_state
+from resnet_with_stochastic_depth import stochastic_depth_gates, stochastic_depth_state
+from stochastic_depth.evaluation_network import keep_blocks
 
 
 def write_cell(root, depth, size, plain_errors, sd_errors, plain_bn, sd_bn):
@@ -83,13 +85,13 @@ def test_a_trained_run_is_evaluated_again_from_its_checkpoint(fake_cifar, tmp_pa
 # ---------------------------------------------------------------------------------- the schedule map
 
 
-def write_arms(root, errors_by_arm, depth=20, size=5504):
+def write_arms(root, errors_by_arm, depth=20, size=5504, **config):
     """Runs of each arm (plain, sd, early, late) in one cell, one per seed, with the given final test errors."""
     for arm, errors in errors_by_arm.items():
         schedule = {"early": "early", "late": "late"}.get(arm, "constant")
         for seed, error in enumerate(errors):
             write_run(root / f"d{depth}-n{size}" / f"{arm}-seed{seed}", seed, error, plain=arm == "plain", depth=depth,
-                      drop_schedule=schedule, epoch_s=10.0 if arm == "plain" else 8.0)  # fmt: skip
+                      drop_schedule=schedule, epoch_s=10.0 if arm == "plain" else 8.0, **config)  # fmt: skip
 
 
 def test_the_schedule_map_compares_every_arm_with_plain_and_adjusts_by_holm(tmp_path):
@@ -114,7 +116,7 @@ def test_the_schedule_map_compares_every_arm_with_plain_and_adjusts_by_holm(tmp_
     assert verdicts["sd"] == "higher" and verdicts["early"] == "no difference detectable"
     assert "early stochastic depth" in regime_study.schedule_verdict(rows[1]) and "80% power at" in regime_study.schedule_verdict(rows[1])
     assert all(r["failed_runs"] == [] for r in rows)
-    assert "| 20 | sd | 5 |" in regime_study.schedule_table(rows)
+    assert "| ResNet-20 | sd | 5 |" in regime_study.schedule_table(rows)
 
 
 def test_a_cell_too_noisy_for_the_goal_says_how_many_seeds_would_reach_it(tmp_path):
@@ -210,3 +212,112 @@ def test_the_papers_claims_are_judged_by_the_verdicts_of_the_cells(tmp_path):
         "Liu et al. 2023, standard stochastic depth hurts small models",
         "Liu et al. 2023, early stochastic depth helps small models",
     ]
+
+
+# ---------------------------------------------------------------------------------- the ViT cell
+
+# The ViT cell's configs (results/vit-fashion-mnist/run_all.sh), for fake runs.
+VIT_CONFIG = {"model": "vit", "p_last": None, "vit_layers": 12, "vit_width": 64, "vit_heads": 2,
+              "vit_patch": 4, "optimizer": "adamw", "lr_schedule": "cosine"}  # fmt: skip
+
+
+def write_vit_cell(root, errors_by_arm, plain_train_error):
+    """A fake ViT cell d12-n5504 (the design's), with the plain runs' final training error set to `plain_train_error`."""
+    write_arms(root, errors_by_arm, depth=12, **VIT_CONFIG)
+    for seed in range(len(errors_by_arm["plain"])):
+        set_train_error(root / "d12-n5504" / f"plain-seed{seed}", plain_train_error)
+
+
+def set_train_error(folder, value):
+    path = folder / "metrics.json"
+    run = json.loads(path.read_text())
+    run["epochs"][-1]["train_error"] = value
+    path.write_text(json.dumps(run))
+
+
+PLAIN = [0.180, 0.185, 0.178, 0.182, 0.181]
+ARMS_OF_A_VIT = {"plain": PLAIN, "sd": [e + 0.02 + 0.002 * i for i, e in enumerate(PLAIN)],  # clearly higher
+                 "early": [e - 0.001 * (-1) ** i for i, e in enumerate(PLAIN)],  # no difference
+                 "late": [e - 0.01 - 0.001 * i for i, e in enumerate(PLAIN)]}  # clearly lower  # fmt: skip
+
+
+def test_the_vit_cell_is_named_as_a_vit_and_its_claims_follow_whether_it_overfits(tmp_path):
+    write_vit_cell(tmp_path, ARMS_OF_A_VIT, plain_train_error=0.001)  # 0.1% against ~18%: overfits
+    rows = regime_study.schedule_map(tmp_path)
+    assert {(r["model"], r["network"]) for r in rows} == {("vit", "ViT-12 (width 64)")}
+    assert "| ViT-12 (width 64) | sd | 5 |" in regime_study.schedule_table(rows)
+    assert regime_study.schedule_verdict(rows[0]).startswith("ViT-12 (width 64), 5,504 images, stochastic depth")
+    fit = regime_study.fit_regime(regime_study.cells(tmp_path)[12, 5504])
+    assert fit["regime"] == "overfits" and fit["train_error"] == pytest.approx([0.1] * 5)
+    assert fit["gap_points"]["mean"] == pytest.approx(100 * sum(PLAIN) / 5 - 0.1)
+    assert "the plain network overfits: final training error 0.10%, final test error 18.12%" in regime_study.fit_line("d12-n5504", fit)
+    design = regime_study.SCHEDULE_DESIGNS["vit"]
+    sd, early, late = regime_study.paper_claims(rows, design.cells, design.claims, {"d12-n5504": fit})
+    assert sd.startswith("Liu et al. 2023, standard stochastic depth hurts a small ViT that underfits: ViT-12 (width 64), sd")
+    assert "does not apply: the plain network overfits (final training error 0.10%, test error 18.12%); measured: test error higher" in sd
+    assert "does not apply" in early and "measured: no difference detectable (80% power at" in early
+    assert "late stochastic depth helps models that overfit" in late and late.endswith("holds")
+    assert regime_study.paper_claims(rows, design.cells, design.claims, fits=None) == []  # a regime claim needs the fit
+
+    # The same errors, the plain runs fitting their training images no better than half their test error: underfits.
+    for seed in range(5):
+        set_train_error(tmp_path / "d12-n5504" / f"plain-seed{seed}", 0.5 * PLAIN[seed] + 0.001)
+    fit = regime_study.fit_regime(regime_study.cells(tmp_path)[12, 5504])
+    assert fit["regime"] == "underfits"
+    sd, early, late = regime_study.paper_claims(rows, design.cells, design.claims, {"d12-n5504": fit})
+    assert sd.endswith("holds") and early.startswith("Liu et al. 2023, early") and "not shown: no difference" in early
+    assert "does not apply: the plain network underfits" in late and late.endswith("measured: test error lower")
+
+
+def test_the_vit_map_counts_the_vit_design_and_judges_only_a_complete_cell(tmp_path, capsys):
+    write_vit_cell(tmp_path, {arm: errors[:4] for arm, errors in ARMS_OF_A_VIT.items()}, plain_train_error=0.001)
+    regime_study.main(["schedules", "--root", str(tmp_path)])  # finds the runs are ViTs: the ViT design
+    result = json.loads((tmp_path / "schedule_map.json").read_text())
+    assert result["model"] == "vit" and list(result["status"]) == ["d12-n5504"]
+    assert result["status"]["d12-n5504"]["finished"] == 16 and result["paper_claims"] == []
+    assert result["fits"]["d12-n5504"]["regime"] == "overfits" and result["depth_curve"] is None
+    assert "d12-n5504: 16 of 20 runs finished" in capsys.readouterr().out
+    write_vit_cell(tmp_path / "more", {arm: errors for arm, errors in ARMS_OF_A_VIT.items()}, plain_train_error=0.001)
+    for arm in regime_study.ARMS:
+        (tmp_path / "more" / "d12-n5504" / f"{arm}-seed4").rename(tmp_path / "d12-n5504" / f"{arm}-seed4")
+    result = regime_study.write_schedule_map(tmp_path, "vit")
+    assert result["status"]["d12-n5504"]["complete"] and len(result["paper_claims"]) == 3
+    markdown = (tmp_path / "schedule_map.md").read_text()
+    assert "| ViT-12 (width 64) | late | 5 |" in markdown and result["paper_claims"][2] in markdown
+    assert regime_study.fit_line("d12-n5504", result["fits"]["d12-n5504"]) in markdown
+    with pytest.raises(ValueError, match="holds vit runs, not resnet runs"):
+        regime_study.write_schedule_map(tmp_path, "resnet")
+
+
+def test_a_vit_run_is_evaluated_without_batchnorm_and_its_depth_curve_removes_whole_blocks(fake_cifar, tmp_path, capsys):  # noqa: F811
+    cell = tmp_path / "d12-n5504"  # the ViT design's cell name, for `regime_study.py vit`; a tiny ViT of 4 blocks in it
+    for arm, option in (("plain", "--plain"), ("sd", "--drop-path-rate=0.5")):
+        train.main(vit_argv(fake_cifar, cell / f"{arm}-seed0", "--epochs", "1", "--vit-layers", "4", option))
+    model, config, data = regime_study.load_trained(cell / "plain-seed0")
+    # The plain ViT, unconverted in training, gets gates that never drop; its error is the one train.py measured.
+    assert len(stochastic_depth_gates(model)) == 8 and {g.survival_prob for g in stochastic_depth_gates(model)} == {1.0}
+    error, _ = regime_study._error(model, data.test, data.preprocess)
+    assert error == json.loads((cell / "plain-seed0" / "metrics.json").read_text())["summary"]["final_test_error"]
+    with keep_blocks(model, [1, 3]):
+        odd_error, _ = regime_study._error(model, data.test, data.preprocess)
+
+    regime_study.main(["vit", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "plain-seed0: test error" in out and "evaluation network's training error" in out and "depth curve" in out
+    evaluation = json.loads((cell / "plain-seed0" / "evaluation.json").read_text())
+    assert evaluation["batchnorm"] is False and "test_error_bn" not in evaluation and 0 <= evaluation["train_error"] <= 1
+    curve = json.loads((cell / "plain-seed0" / "depth_curve.json").read_text())
+    assert curve["blocks"] == 4 and [p["removed"] for p in curve["last"]] == [0, 1, 2, 3] and curve["random"] == []
+    assert curve["last"][0]["test_error"] == error and curve["repeats"] == regime_study.VIT_CURVE_REPEATS
+    assert [(p["name"], p["kept"], p["removed"]) for p in curve["patterns"]] == [("even", [0, 2], 2), ("odd", [1, 3], 2)]
+    assert curve["patterns"][1]["test_error"] == odd_error
+    assert (cell / "sd-seed0" / "depth_curve.json").is_file()
+    result = json.loads((tmp_path / "schedule_map.json").read_text())
+    assert result["depth_curve"]["runs"] == {"plain": 1, "sd": 1} and (tmp_path / "depth_curve_vit.png").is_file()
+    assert [p["name"] for p in result["depth_curve"]["patterns"]["sd"]] == ["even", "odd"]
+    summary = result["depth_curve"]["summary"]["plain"]
+    assert summary[0]["time_ratio"] == pytest.approx(1.0) and summary[2]["last_error"] == pytest.approx(100 * curve["last"][2]["test_error"])
+    assert "| every other (odd: 1, 3 kept) | 2 |" in (tmp_path / "schedule_map.md").read_text()
+    # A second run evaluates nothing again: every run has its files.
+    regime_study.main(["vit", "--root", str(tmp_path)])
+    assert "test error" not in capsys.readouterr().out.split("| network |")[0]
