@@ -82,6 +82,7 @@ __all__ = [
     "SwinShape",
     "Swinv2Shape",
     "converted_hugging_face_class",
+    "family_name",
 ]
 
 
@@ -452,8 +453,8 @@ REFUSED: dict[str, str] = {
 _MADE: dict[type[nn.Module], type[HuggingFaceLayer]] = {}
 
 
-def _family_name(library_class: type) -> str:
-    """``"dinov2.modeling_dinov2.Dinov2Layer"`` for transformers' ``Dinov2Layer`` (a key of :data:`FAMILIES`)."""
+def family_name(library_class: type) -> str:
+    """``"dinov2.modeling_dinov2.Dinov2Layer"`` for transformers' ``Dinov2Layer`` (a key of :data:`FAMILIES` and of ``layer_drop.STACKS``); "" outside transformers."""
     module = library_class.__module__
     return f"{module.removeprefix('transformers.models.')}.{library_class.__name__}" if module.startswith("transformers.") else ""
 
@@ -467,7 +468,7 @@ def converted_hugging_face_class(library_class: type[nn.Module]) -> type[Hugging
     made = _MADE.get(library_class)
     if made is not None:
         return made
-    shape = FAMILIES.get(_family_name(library_class))
+    shape = FAMILIES.get(family_name(library_class))
     if shape is None:
         return None
     made = type(library_class.__name__, (shape, library_class), {

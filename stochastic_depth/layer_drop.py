@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from stochastic_depth.gate import StochasticDepth
+from stochastic_depth.hugging_face import family_name
 from stochastic_depth.library_blocks import GatedBlock
 
 __all__ = ["REFUSED_STACKS", "STACKS", "LayerDropLayer", "LayerDropStack", "layer_drop_stacks", "stop_stack_draws"]
@@ -106,11 +107,6 @@ REFUSED_STACKS: dict[str, str] = {
     "WavLMAdapter": "its LayerDrop drops stride-2 convolutions that shorten the sequence, not residual layers",
     "Mask2FormerMaskedAttentionDecoder": "a skipped layer also skips its mask prediction, which the next layer reads",
 }
-
-
-def _family_name(cls: type) -> str:
-    module = cls.__module__
-    return f"{module.removeprefix('transformers.models.')}.{cls.__name__}" if module.startswith("transformers.") else ""
 
 
 @functools.cache
@@ -216,7 +212,7 @@ def layer_drop_stacks(model: nn.Module) -> list[StackConversion]:
     for name, module in model.named_modules():
         if isinstance(module, LayerDropLayer) or not type(module).__module__.startswith("transformers."):
             continue
-        description = STACKS.get(_family_name(type(module)))
+        description = STACKS.get(family_name(type(module)))
         if description is None:
             if not _draws_layer_drop(type(module)) or _rate_is_zero(module):
                 continue  # (a stack whose LayerDrop rate is 0 draws nothing: nothing to convert)
