@@ -138,11 +138,20 @@ class AvgPoolZeroPad(nn.Module):
 
 
 class ResidualBlock(GatedBlock):
-    """``relu(shortcut(x) + branch(x))``, the branch gated by ``stochastic_depth`` (None: not gated)."""
+    """``relu(shortcut(x) + branch(x))``, the branch gated by ``stochastic_depth`` (None: not gated).
+
+    ``branch(x)`` is ``after_conv1(conv1(x))``: the gate is handed the two parts, so that in the
+    row modes ``conv1`` can gather the kept samples itself (see ``StochasticDepth``'s ``first``).
+    """
 
     GATES = ("stochastic_depth",)
+    conv1: nn.Conv2d
 
     def branch(self, x: Tensor) -> Tensor:
+        """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``: the residual branch."""
+        return self.after_conv1(self.conv1(x))
+
+    def after_conv1(self, out: Tensor) -> Tensor:
         raise NotImplementedError
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -156,9 +165,9 @@ class ResidualBlock(GatedBlock):
     def forward(self, x: Tensor) -> Tensor:
         shortcut = self.run_shortcut(self.downsample, x)
         if self.stochastic_depth is None:
-            out = shortcut + self.run_region(self.branch, x)
+            out = shortcut + self.run_region(self.after_conv1, self.conv1(x))
         else:
-            out = self.stochastic_depth(self.branch, x, shortcut)
+            out = self.stochastic_depth(self.after_conv1, x, shortcut, first=self.conv1)
         # A dropped block with an identity shortcut hands back x itself, which autograd
         # still needs: that one must not be overwritten by the in-place ReLU.
         return torch.relu(out) if out is x else self.relu(out)
@@ -181,8 +190,8 @@ class BasicBlock(ResidualBlock):
         self.downsample = downsample
         self.stochastic_depth = None
 
-    def branch(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+    def after_conv1(self, out: Tensor) -> Tensor:
+        out = self.relu(self.bn1(out))
         return self.bn2(self.conv2(out))
 
 
@@ -208,8 +217,8 @@ class Bottleneck(ResidualBlock):
         self.downsample = downsample
         self.stochastic_depth = None
 
-    def branch(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+    def after_conv1(self, out: Tensor) -> Tensor:
+        out = self.relu(self.bn1(out))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
 

@@ -29,10 +29,10 @@ from resnet_with_stochastic_depth import ResNet, StochasticResNet, stochastic_de
 from stochastic_depth.gate import subset_size
 
 
-def _slice_forward(gate, branch, x, shortcut):
+def _slice_forward(gate, branch, x, shortcut, first=None):
     """A row_subset gate that keeps the first k samples: the branch runs on a view of them."""
     k = subset_size(x.shape[0], gate.survival_prob)
-    residual = branch(x[:k])
+    residual = branch(x[:k] if first is None else first(x[:k]))
     return torch.cat([shortcut[:k].add(residual, alpha=gate.survival_prob * x.shape[0] / k), shortcut[k:]])
 
 

@@ -58,8 +58,9 @@ class TorchvisionMask(nn.Module):
         super().__init__()
         self.survival_prob, self.mode = survival_prob, mode
 
-    def forward(self, branch, x, shortcut):
-        residual = torchvision.ops.stochastic_depth(branch(x), 1 - self.survival_prob, self.mode, self.training)
+    def forward(self, branch, x, shortcut, first=None):
+        inputs = x if first is None else first(x)  # (a ResNet block hands its first convolution apart)
+        residual = torchvision.ops.stochastic_depth(branch(inputs), 1 - self.survival_prob, self.mode, self.training)
         return shortcut + residual
 
 

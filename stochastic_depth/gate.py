@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stochastic_depth.autograd_ops import add_rows, in_backward_pass
+from stochastic_depth.autograd_ops import add_rows, conv_on_rows, in_backward_pass, is_channels_last, select_rows
 from stochastic_depth.compilation import RegionHolder, eager_frame, mark_batch_dynamic, not_a_frame
 
 __all__ = [
@@ -274,6 +274,14 @@ class StochasticDepth(RegionHolder):
     its output replaces ``x`` where it is kept, ``x`` passes through where it is dropped, and
     nothing is scaled, in training or at test (``inverted`` does not apply).
 
+    ``gate(branch, x, shortcut, first=conv)`` is ``shortcut + branch(conv(x))``: a ResNet block
+    names its first convolution, whose input (the previous block's ReLU output) the network
+    keeps for backward anyway. In the row modes that convolution then gathers the kept samples
+    itself (:func:`stochastic_depth.autograd_ops.conv_on_rows`) and saves ``x``, not a copy of
+    the kept rows: without it, a ResNet-50 in ``"row_subset"`` saves more for backward than the
+    unconverted model. Leave it out where nothing else keeps ``x`` (a transformer's block
+    input): there the copy of the kept rows is the smaller thing to save.
+
     Training modes (``survival_prob`` is the probability of *keeping* the branch; the
     argument is keyword-only because torchvision's ``StochasticDepth(p, mode)`` takes
     the probability of *dropping* it):
@@ -395,9 +403,10 @@ class StochasticDepth(RegionHolder):
         active = self._last_active
         return torch.tensor(active) if isinstance(active, bool) else active
 
-    def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None) -> Tensor:
+    def forward(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None,
+                first: nn.Module | None = None) -> Tensor:
         if not self.training:
-            return self._evaluate(branch, x, shortcut)
+            return self._evaluate(branch, x, shortcut, first)
         if isinstance(x, torch.fx.Proxy):
             return _stochastic_depth_cannot_train_traced(shortcut)
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
@@ -406,9 +415,10 @@ class StochasticDepth(RegionHolder):
                 "training mode, where the graph would freeze one draw of which residual blocks run. Trace "
                 "or export it in eval mode (model.eval()), where every block runs; train the original model."
             )
-        return self._train(branch, x, shortcut)
+        return self._train(branch, x, shortcut, first)
 
-    def _evaluate(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None) -> Tensor:
+    def _evaluate(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None,
+                  first: nn.Module | None) -> Tensor:
         # A branch never trained with (p_l = 0, drop_scale 1) is left out at test time too. Read so
         # that drop_scale is looked at only then: under torch.compile, whatever the traced code reads
         # is guarded on, and an inverted gate's output does not depend on drop_scale otherwise (an
@@ -420,7 +430,7 @@ class StochasticDepth(RegionHolder):
             self._last_active = not left_out
         if left_out:
             return x if shortcut is None else shortcut
-        residual = self.run_region(branch, x)
+        residual = self.run_region(branch, x if first is None else first(x))
         if shortcut is None:  # a whole layer (LayerDrop): its output, unscaled
             return residual
         # Not inverted: scaled by the survival probability in force (p_l, or more while
@@ -430,7 +440,8 @@ class StochasticDepth(RegionHolder):
         return out if isinstance(x, torch.fx.Proxy) else _in_layout_of(out, residual)
 
     @eager_frame
-    def _train(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None) -> Tensor:
+    def _train(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None,
+               first: nn.Module | None) -> Tensor:
         """A training pass: decide, then run the branch on what is kept.
 
         Eager also under torch.compile (a graph break where the gate is called): the branch
@@ -443,7 +454,7 @@ class StochasticDepth(RegionHolder):
         if self.mode == "batch":
             if not decision.active:
                 return x if layer else shortcut
-            residual = self.run_region(branch, x)
+            residual = self.run_region(branch, x if first is None else first(x))
             if layer:
                 return residual
             return _in_layout_of(shortcut.add(residual, alpha=self._train_scale(decision.survival_prob)), residual)
@@ -454,36 +465,35 @@ class StochasticDepth(RegionHolder):
         # Each sample keeps the branch with probability p ("row") or k / B ("row_subset").
         scale = self._train_scale(decision.survival_prob if self.mode == "row" else len(kept) / batch_size)
         if len(kept) == batch_size:
-            residual = self.run_region(branch, x)
+            residual = self.run_region(branch, x if first is None else first(x))
             return residual if layer else _in_layout_of(shortcut.add(residual, alpha=scale), residual)
         kept = _indices_to(kept, x.device)
         self.kept_rows = kept  # for the branch's other inputs with a batch dimension (an attention mask)
         try:
-            return self._run_on_rows(branch, x, shortcut, kept, scale)
+            return self._run_on_rows(branch, x, shortcut, first, kept, scale)
         finally:
             self.kept_rows = None
 
-    def _run_on_rows(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None, kept: Tensor,
-                     scale: float) -> Tensor:
+    def _run_on_rows(self, branch: Callable[[Tensor], Tensor], x: Tensor, shortcut: Tensor | None,
+                     first: nn.Module | None, kept: Tensor, scale: float) -> Tensor:
         """The branch on the samples `kept` (fewer than the batch), added into (or, for a layer, copied over) the rest."""
         if shortcut is None:  # (a layer's rows are samples of (B, tokens, C): no memory layout to keep)
             residual = self.run_region(branch, mark_batch_dynamic(x.index_select(0, kept)))
             return x.index_copy(0, kept, residual.to(x.dtype))  # (its backward saves only the indices)
-        # A channels_last input is gathered and scattered as (N, H, W, C) views, in which it is
-        # plainly contiguous; the branch still sees (N, C, H, W).
-        nhwc = _channels_last(x)
-        rows, shortcut_rows = (x.permute(0, 2, 3, 1), shortcut.permute(0, 2, 3, 1)) if nhwc else (x, shortcut)
         if len(kept) > 1:
-            inputs = mark_batch_dynamic(rows.index_select(0, kept))
-            residual = self.run_region(branch, inputs.permute(0, 3, 1, 2) if nhwc else inputs)
+            # `first` gathers the rows itself, so that it saves x (kept anyway) and not a copy of them.
+            inputs = select_rows(x, kept) if first is None else conv_on_rows(first, x, kept)
+            residual = self.run_region(branch, mark_batch_dynamic(inputs))
         else:
             # BatchNorm cannot normalise one sample on 1x1 feature maps: for this rare
             # case the branch runs on the whole batch and we keep the one row.
             self.kept_rows = None  # (the branch sees the whole batch)
-            residual = self.run_region(branch, x).index_select(0, kept)
-        residual_rows = residual.permute(0, 2, 3, 1) if nhwc else residual
-        out = add_rows(shortcut_rows, kept, residual_rows.to(shortcut.dtype), scale)
-        return out.permute(0, 3, 1, 2) if nhwc else _in_layout_of(out, residual)
+            residual = self.run_region(branch, x if first is None else first(x)).index_select(0, kept)
+        # A channels_last output is scattered as its (N, H, W, C) view, in which it is plainly contiguous.
+        if is_channels_last(shortcut):
+            out = add_rows(shortcut.permute(0, 2, 3, 1), kept, residual.permute(0, 2, 3, 1).to(shortcut.dtype), scale)
+            return out.permute(0, 3, 1, 2)
+        return _in_layout_of(add_rows(shortcut, kept, residual.to(shortcut.dtype), scale), residual)
 
     @torch.compiler.disable  # host-side bookkeeping and draws: eager, also under torch.compile
     def _decide(self, x: Tensor) -> tuple[Decision, bool]:
@@ -547,15 +557,10 @@ class StochasticDepth(RegionHolder):
 # wrapper, _train, its eager_frame wrapper, forward, Module._call_impl, Module._wrapped_call_impl.
 _CALLER_OF_THE_GATE = 8
 
-def _channels_last(t: Tensor) -> bool:
-    """Whether `t` is laid out channels_last, not (also) plainly contiguous: (N, C, H, W) with C fastest."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _in_layout_of(out: Tensor, residual: Tensor) -> Tensor:
     """`out`, channels_last when `residual` is and `out` is not: an NCHW input whose branch returns
     channels_last (ConvNeXt's first block after a downsampling layer), as ``branch + shortcut`` is."""
-    if _channels_last(residual) and not _channels_last(out):
+    if is_channels_last(residual) and not is_channels_last(out):
         return out.contiguous(memory_format=torch.channels_last)
     return out
 
@@ -574,7 +579,7 @@ def _indices_to(indices: Tensor, device: torch.device) -> Tensor:
 # The eager training pass's helpers: called from eager code under torch.compile(model), each
 # would be compiled as a frame of its own (and again for every shape); only the regions are.
 for _helper in (StochasticDepth.forward, StochasticDepth._evaluate, StochasticDepth._run_on_rows,
-                StochasticDepth._train_scale, _warmed_up, _channels_last, _in_layout_of, _indices_to):
+                StochasticDepth._train_scale, _warmed_up, _in_layout_of, _indices_to):
     not_a_frame(_helper)
 
 

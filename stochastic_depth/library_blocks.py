@@ -373,16 +373,31 @@ if timm_vit is not None:
 
 
     class _StochasticTimmResNetBlock(GatedBlock):
-        """timm's ResNet blocks: ``act(shortcut + branch(x))``, the branch gated."""
+        """timm's ResNet blocks: ``act(shortcut + branch(x))``, the branch gated.
+
+        ``branch(x)`` is ``after_conv1(conv1(x))``. With ReLU as the activation, the block's input
+        is a ReLU output that autograd keeps anyway, so the gate is handed ``conv1`` as ``first``
+        (in the row modes it gathers the kept samples itself; see ``StochasticDepth``). Other
+        activations save their input, not their output: there the gathered copy is the smaller
+        thing to save, and the branch is passed whole.
+        """
 
         DROP_PATHS = GATES = ("drop_path",)
         FINAL_ACTIVATION: ClassVar[str]  # the attribute of the activation after the addition
         drop_path: StochasticDepth
 
+        def branch(self, x: Tensor) -> Tensor:
+            """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+            return self.after_conv1(self.conv1(x))
+
         def forward(self, x: Tensor) -> Tensor:
             shortcut = self.run_shortcut(self.downsample, x)
-            out = self.drop_path(self.branch, x, shortcut)
-            return _activate(getattr(self, self.FINAL_ACTIVATION), x, out)
+            act = getattr(self, self.FINAL_ACTIVATION)
+            if isinstance(act, nn.ReLU):
+                out = self.drop_path(self.after_conv1, x, shortcut, first=self.conv1)
+            else:
+                out = self.drop_path(self.branch, x, shortcut)
+            return _activate(act, x, out)
 
 
     class StochasticTimmBasicBlock(_StochasticTimmResNetBlock, timm_resnet.BasicBlock):
@@ -391,9 +406,8 @@ if timm_vit is not None:
         LIBRARY_CLASS, FINAL_ACTIVATION = timm_resnet.BasicBlock, "act2"
         BRANCHES = {"drop_path": ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2", "se")}
 
-        def branch(self, x: Tensor) -> Tensor:
-            """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
-            x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        def after_conv1(self, x: Tensor) -> Tensor:
+            x = self.aa(self.act1(self.drop_block(self.bn1(x))))
             x = self.bn2(self.conv2(x))
             return x if self.se is None else self.se(x)
 
@@ -404,9 +418,8 @@ if timm_vit is not None:
         LIBRARY_CLASS, FINAL_ACTIVATION = timm_resnet.Bottleneck, "act3"
         BRANCHES = {"drop_path": ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3", "se")}
 
-        def branch(self, x: Tensor) -> Tensor:
-            """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
-            x = self.act1(self.bn1(self.conv1(x)))
+        def after_conv1(self, x: Tensor) -> Tensor:
+            x = self.act1(self.bn1(x))
             x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
             x = self.bn3(self.conv3(x))
             return x if self.se is None else self.se(x)

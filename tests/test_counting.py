@@ -60,12 +60,13 @@ def test_flop_counter_counts_a_depthwise_convolutions_backward_as_twice_its_forw
     assert counter.get_total_flops() == 3 * forward
 
 
-def test_row_subset_adds_at_most_five_device_operators_and_a_few_host_ones_per_block():
+def test_row_subset_adds_at_most_seven_device_operators_and_a_few_host_ones_per_block():
     # Where a GPU step is bound by kernel launches (ResNet-50 on MNIST on an H100), each extra
     # operator costs time no smaller batch gives back. On the device, per block that runs on a
-    # subset: the gather and its gradient, the scatter-add (instead of the add) and its
-    # gradient's zeros, the scale in backward, and the copy of the kept indices. On the host,
-    # per block: the gate's draw.
+    # subset: the gather, again in backward (where the first convolution needs the kept rows:
+    # gathering them again is what keeps a copy of them from being saved), and its gradient,
+    # the scatter-add (instead of the add) and its gradient's zeros, the scale in backward, and
+    # the copy of the kept indices. On the host, per block: the gate's draw.
     plain, stochastic = tiny_pair(mode="row_subset", p_last=0.5)
     x, y = batch(8)
     stochastic(x)  # a pass, to see which blocks ran on a subset
@@ -75,5 +76,5 @@ def test_row_subset_adds_at_most_five_device_operators_and_a_few_host_ones_per_b
     counted, reference = training_operator_count(stochastic, x, y), training_operator_count(plain, x, y)
     assert stochastic_depth_state(stochastic).get_state() == passes  # counted on a copy
     assert reference["host"] == 0
-    assert counted["device"] - reference["device"] <= 6 * on_a_subset, counted
+    assert counted["device"] - reference["device"] <= 7 * on_a_subset, counted
     assert counted["host"] <= 8 * 6, counted
