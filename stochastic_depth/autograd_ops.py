@@ -111,16 +111,24 @@ class _ConvOnRows(torch.autograd.Function):
         return grad_x, None, grad_weight, grad_bias, None, None, None, None
 
 
+# nn.Conv2d's own methods as this module found them: a patched class (a profiler's, a
+# quantisation tool's) is then called as it is, like a subclass.
+_CONV2D_METHODS = (nn.Conv2d.forward, nn.Conv2d._conv_forward)
+
+
 def _runs_as_plain_conv2d(conv: nn.Module) -> bool:
     """Whether calling `conv` computes exactly ``F.conv2d`` with its attributes and runs nothing else.
 
-    torch has no public way to ask whether a module has hooks: its hook dictionaries are
-    read here (a hook, pruning's mask or a profiler's, must still see the module called).
+    Not when its class or the module itself (accelerate's ``add_hook_to_module`` sets
+    ``module.forward``) replaces ``forward``. torch has no public way to ask whether a module has
+    hooks: its hook dictionaries are read here (a hook, pruning's mask or a profiler's, must
+    still see the module called).
     """
     hooked = (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
               or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
               or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks)
-    return (type(conv).forward is nn.Conv2d.forward and type(conv)._conv_forward is nn.Conv2d._conv_forward
+    replaced = "forward" in conv.__dict__ or "_conv_forward" in conv.__dict__
+    return ((type(conv).forward, type(conv)._conv_forward) == _CONV2D_METHODS and not replaced
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not hooked)
 
 
@@ -130,8 +138,10 @@ def conv_on_rows(conv: nn.Module, x: Tensor, index: Tensor) -> Tensor:
     For a convolution whose input the network keeps for backward anyway (a ResNet block's
     input, the previous block's ReLU output): there the gathered rows would be an extra copy.
     Where ``x`` would not be kept otherwise, the plain ``conv(select_rows(x, index))`` saves
-    less. A module that is not a plain ``nn.Conv2d`` (a subclass with its own forward, other
-    padding modes, one with hooks) is called as it is, on the gathered rows.
+    less. A module that is not a plain ``nn.Conv2d`` (a subclass or an instance with its own
+    forward, other padding modes, one with hooks: pruning, the old ``nn.utils.weight_norm`` and
+    ``spectral_norm``) is called as it is, on the gathered rows, and then saves them as before;
+    ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``) keeps the saving.
 
     Parameters
     ----------
@@ -145,7 +155,8 @@ def conv_on_rows(conv: nn.Module, x: Tensor, index: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        ``(k, C_out, H_out, W_out)``. Its backward does not support double backward.
+        ``(k, C_out, H_out, W_out)``. Its backward is made of differentiable operators, so
+        double backward (a gradient penalty) works.
     """
     if not _runs_as_plain_conv2d(conv):
         return conv(select_rows(x, index))

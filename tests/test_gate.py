@@ -464,6 +464,11 @@ def test_hooks_and_other_convolutions_still_see_the_first_convolution_called():
     assert calls == [3, 3]
     circular = nn.Conv2d(4, 3, 3, padding=1, padding_mode="circular")
     torch.testing.assert_close(conv_on_rows(circular, x, index), circular(x[index]))
+    # accelerate's add_hook_to_module replaces forward on the instance.
+    replaced = nn.Conv2d(4, 3, 3, padding=1)
+    plain_forward = replaced.forward
+    replaced.forward = lambda t: plain_forward(t) * 0
+    assert not conv_on_rows(replaced, x, index).any()
 
 
 # ---------------------------------------------------------------------------------- memory layout and autocast
