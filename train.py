@@ -900,16 +900,18 @@ class Training:
     scaler: torch.amp.GradScaler
     set_to_none: bool  # zero_grad's, for --dropped-update
     gates: list[StochasticDepth] = field(default_factory=list)  # the model's, in block order; none if plain
+    blocks: int = 0  # the model's residual blocks (a ViT block holds two gates)
 
     @property
     def stochastic(self) -> bool:
         return bool(self.gates)
 
-    def active_blocks(self) -> float:
-        """Blocks the last training pass computed, per sample: each gate counts the share of the batch that
-        kept its branch, over the gates per block (a ViT block has two). A ResNet's count of blocks run."""
-        kept = self.last_active().reshape(len(self.gates), -1).float().mean(1).sum().item()  # on the CPU: no sync
-        return kept * len(self.model.blocks) / len(self.gates)
+    def active_blocks(self, last_active: Tensor) -> float:
+        """Blocks the last training pass computed, per sample, from its ``last_active()``: each gate counts
+        the share of the batch that kept its branch, over the gates per block (a ViT block has two). A
+        ResNet's count of blocks run."""
+        kept = last_active.reshape(len(self.gates), -1).float().mean(1).sum().item()  # on the CPU: no sync
+        return kept * self.blocks / len(self.gates)
 
     def last_active(self) -> Tensor:
         """What each gate kept in the last training pass: (gates,) bool in batch mode (a ResNet's
@@ -936,7 +938,8 @@ def build_training(recipe: Recipe, args: argparse.Namespace, processes: Processe
     optimizer, scheduler = make_optimizer(model, recipe, data.steps_per_epoch)
     autocast, scaler = mixed_precision(args.amp, device)
     set_to_none = prepare_gradients(model, recipe.dropped_update)
-    return Training(model, network, optimizer, scheduler, autocast, scaler, set_to_none, gates)
+    blocks = len(model.blocks) if gates else 0
+    return Training(model, network, optimizer, scheduler, autocast, scaler, set_to_none, gates, blocks)
 
 
 def save_checkpoint(
@@ -1126,9 +1129,10 @@ def train_epoch(
         progress.images_seen += len(labels)
         pending.append(loss.detach().float())
         if training.stochastic:
-            progress.active_blocks += training.active_blocks()
+            last_active = training.last_active()
+            progress.active_blocks += training.active_blocks(last_active)
             if drops is not None:
-                drops.append(training.last_active())
+                drops.append(last_active)
         if len(pending) == args.log_every or step == steps[-1]:
             losses = _all_reduce_sum(torch.stack(pending), processes) / processes.world_size
             bad = (~torch.isfinite(losses)).nonzero()

@@ -65,6 +65,12 @@ class LayerDropStack:
     passes_through: tuple[str, ...] = ()
     first_kept: bool = False
 
+    def rate_owner(self, stack: nn.Module) -> tuple[Any, str]:
+        """The object that holds `stack`'s rate (the stack or its config) and the attribute's name."""
+        if self.rate.startswith("config."):
+            return stack.config, self.rate.removeprefix("config.")
+        return stack, self.rate
+
 
 _CONFIG = LayerDropStack(rate="config.layerdrop")
 _WAVLM = LayerDropStack(rate="config.layerdrop", passes_through=("position_bias",), first_kept=True)
@@ -193,7 +199,6 @@ class StackConversion:
     """One stack with LayerDrop: its layers as ``(parent list, index, layer, made class)`` and their rates."""
 
     stack: nn.Module
-    name: str
     layers: list[tuple[nn.ModuleList, str, nn.Module, type[LayerDropLayer]]]
     rates: list[float]
     description: LayerDropStack
@@ -230,13 +235,11 @@ def layer_drop_stacks(model: nn.Module) -> list[StackConversion]:
         if all(isinstance(layer, LayerDropLayer) for layer in layers):  # converted before: the gates hold the rates
             rates = [1.0 - layer.layerdrop.survival_prob for layer in layers]
         else:
-            owner, attribute = (module.config, description.rate.removeprefix("config.")) if description.rate.startswith(
-                "config.") else (module, description.rate)
-            rate = float(getattr(owner, attribute))
+            rate = float(getattr(*description.rate_owner(module)))
             rates = [0.0 if i == 0 and description.first_kept else rate for i in range(len(layers))]
         made = [(layers, str(i), layer, type(layer) if isinstance(layer, LayerDropLayer) else _layer_class(layer, description))
                 for i, layer in enumerate(layers)]  # fmt: skip
-        found.append(StackConversion(module, name, made, rates, description))
+        found.append(StackConversion(module, made, rates, description))
     return found
 
 
@@ -261,13 +264,12 @@ def _without(config: Any, attribute: str) -> Any:
 
 def stop_stack_draws(conversion: StackConversion) -> None:
     """Turn off the stack's own LayerDrop draw, leaving the model's config as the user set it."""
-    rate = conversion.description.rate
-    if rate.startswith("config."):
-        stack = conversion.stack
-        if not getattr(type(stack.config), "layer_drop_view", False):
-            stack.config = _without(stack.config, rate.removeprefix("config."))
-    else:
-        setattr(conversion.stack, rate, 0.0)
+    stack = conversion.stack
+    owner, attribute = conversion.description.rate_owner(stack)
+    if owner is stack:
+        setattr(stack, attribute, 0.0)
+    elif not getattr(type(owner), "layer_drop_view", False):
+        stack.config = _without(owner, attribute)
 
 
 def __getattr__(name: str) -> type:
